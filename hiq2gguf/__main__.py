@@ -1,0 +1,5 @@
+import sys
+
+from hiq2gguf.cli import main
+
+sys.exit(main())

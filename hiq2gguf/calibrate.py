@@ -1,0 +1,55 @@
+"""Calibration statistics: Fisher information (squared gradients) per linear weight."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+
+def linear_weights(model, is_linear) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if is_linear(n)}
+
+
+class FisherCollector:
+    """Empirical Fisher diagonal F = E_s[g_s^2], one calibration sequence per sample.
+
+    ``add_batch`` runs forward and backward on one sequence (next-token
+    cross-entropy) and accumulates the squared gradient of every tracked weight.
+    """
+
+    def __init__(self, model, params: dict[str, torch.nn.Parameter]):
+        self.model = model
+        self.params = params
+        self.sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        self.n_samples = 0
+
+    def add_batch(self, input_ids: torch.Tensor) -> float:
+        for p in self.model.parameters():
+            p.grad = None
+        out = self.model(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+        for n, p in self.params.items():
+            self.sums[n] += p.grad.to(torch.float32) ** 2
+            p.grad = None
+        self.n_samples += input_ids.shape[0]
+        return float(out.loss)
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        return {n: s / max(self.n_samples, 1) for n, s in self.sums.items()}
+
+
+def collect_fisher(model, params, windows: list[list[int]], progress: bool = True) -> dict[str, torch.Tensor]:
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    tracked = {id(p) for p in params.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in tracked)
+    collector = FisherCollector(model, params)
+    try:
+        bar = tqdm(windows, desc="fisher", unit="seq", disable=not progress)
+        for w in bar:
+            loss = collector.add_batch(torch.tensor([w]))
+            bar.set_postfix(loss=f"{loss:.3f}")
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return collector.fisher()

@@ -1,0 +1,151 @@
+"""Command line: hiq2gguf convert | run | ppl | inspect | runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _convert(a) -> int:
+    from hiq2gguf.convert import ConvertConfig, convert
+
+    cfg = ConvertConfig(bpw=a.bpw, calib_windows=a.calib_windows, eval_text=a.eval_text,
+                        eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
+                        progress=not a.quiet)
+    report = convert(cfg, a.output, a.model, a.report)
+    if a.quiet:
+        print(json.dumps({k: report[k] for k in ("bpw", "file_bpw") if k in report}))
+    return 0
+
+
+def _run(a) -> int:
+    from hiq2gguf import llama
+
+    with llama.open_model(a.gguf, n_ctx=a.ctx, n_threads=a.threads, seed=a.seed) as llm:
+        if a.chat:
+            out = llm.create_chat_completion(messages=[{"role": "user", "content": a.prompt}],
+                                             max_tokens=a.n, temperature=a.temp)
+            text = out["choices"][0]["message"]["content"]
+            print(text)
+        else:
+            out = llm.create_completion(a.prompt, max_tokens=a.n, temperature=a.temp,
+                                        repeat_penalty=a.repeat_penalty)
+            print(a.prompt + out["choices"][0]["text"])
+    return 0
+
+
+def _ppl(a) -> int:
+    from hiq2gguf import evaluate, llama
+
+    with llama.open_model(a.gguf, n_ctx=a.ctx, logits_all=True, n_threads=a.threads) as llm:
+        add_bos = bool(llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
+        bos = llm.token_bos() if add_bos else None
+
+        def tokenize(text: str) -> list[int]:
+            return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+        windows = evaluate.text_windows(tokenize, a.text, a.ctx, a.windows, bos)
+        r = evaluate.ppl_llama(llm, windows, progress=not a.quiet)
+    result = {"gguf": a.gguf, "text": a.text, **r.as_dict()}
+    print(json.dumps(result) if a.json else
+          f"ppl {r.ppl:.4f} on {a.text} ({r.n_windows} windows of {a.ctx}, {r.n_tokens} scored tokens)")
+    return 0
+
+
+def _inspect(a) -> int:
+    from hiq2gguf.inspect import format_table, inspect_gguf
+
+    info = inspect_gguf(a.gguf)
+    print(json.dumps(info, indent=2) if a.json else format_table(info))
+    return 0
+
+
+def _runtime(a) -> int:
+    from hiq2gguf import runtime
+
+    if a.action == "build":
+        return runtime.main_build(a) or 0
+    return runtime.main_path(a) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hiq2gguf", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="quantize a model into an HIQ2 GGUF")
+    c.add_argument("model", nargs="?", default=None,
+                   help="HF model directory or GGUF file (default: embedded SmolLM2-135M)")
+    c.add_argument("-o", "--output", required=True, help="output .gguf")
+    c.add_argument("--bpw", type=float, required=True,
+                   help="budget in bits per quantized linear weight (never exceeded)")
+    c.add_argument("--report", help="write a JSON report here")
+    c.add_argument("--calib-windows", type=int, default=16, help="512-token calibration sequences")
+    c.add_argument("--eval-text", default="boolq", help="boolq | lambada | FILE")
+    c.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
+    c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=_convert)
+
+    r = sub.add_parser("run", help="generate text with llama.cpp (patched runtime)")
+    r.add_argument("gguf")
+    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("-n", type=int, default=64, help="tokens to generate")
+    r.add_argument("--temp", type=float, default=0.0)
+    r.add_argument("--repeat-penalty", type=float, default=1.1)
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    r.add_argument("--ctx", type=int, default=2048)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, default=2)
+    r.set_defaults(func=_run)
+
+    q = sub.add_parser("ppl", help="perplexity through llama.cpp on held-out text")
+    q.add_argument("gguf")
+    q.add_argument("--text", default="boolq", help="boolq | lambada | FILE")
+    q.add_argument("--ctx", type=int, default=512)
+    q.add_argument("--windows", type=int, default=40)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--json", action="store_true")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_ppl)
+
+    i = sub.add_parser("inspect", help="per-tensor type, shape, ratio and bits per weight")
+    i.add_argument("gguf")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_inspect)
+
+    rt = sub.add_parser("runtime", help="build or locate the patched llama.cpp")
+    rt.add_argument("action", choices=["build", "path"])
+    rt.add_argument("--force", action="store_true", help="rebuild even if cached")
+    rt.set_defaults(func=_runtime)
+    return p
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from converters import UnsupportedArchitecture
+    from hiq2gguf.convert import BudgetError
+    from hiq2gguf.data import DataMissing
+    from hiq2gguf.formats import FormatError
+    from hiq2gguf.gguf_io import CorruptGGUF
+    from hiq2gguf.model_io import ModelSourceError
+    from hiq2gguf.runtime import RuntimeMissing
+
+    return (UnsupportedArchitecture, BudgetError, DataMissing, FormatError, CorruptGGUF,
+            ModelSourceError, RuntimeMissing, FileNotFoundError, PermissionError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _known_errors() as e:
+        print(f"hiq2gguf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hiq2gguf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

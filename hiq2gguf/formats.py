@@ -1,0 +1,246 @@
+"""Numpy reference for the HIQ2 tensor type family (see docs/FORMAT.md).
+
+This module is the single source of truth for the byte layout: the C kernels
+in kernels/ggml, the PyTorch fake-quantization and the Triton kernels are all
+tested against it bit for bit.
+
+One class describes the family; one instance per member (H = number of
+high-bit groups per 64-weight block) lives in a registry keyed by ggml type id
+and by name, like gguf-py's ``quants.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 64            # weights per block
+GROUP = 8             # weights per channel group
+N_GROUPS = BLOCK // GROUP
+HEADER_BYTES = 4      # fp16 d, u8 z, u8 mask
+QL_BYTES = BLOCK // 4
+FIRST_TYPE_ID = 100   # well away from mainline ggml ids (which end at 42)
+LOW_STEP = 5          # a low-group code c sits at level 5c of the 16-level grid
+
+
+class FormatError(ValueError):
+    """Data that does not fit, or does not decode as, an HIQ2 tensor."""
+
+
+@dataclass(frozen=True)
+class Codes:
+    """Decoded content of an HIQ2 tensor, one entry per block (rows, nblocks).
+
+    ``levels`` are the integer grid levels L in 0..15 of every weight (low
+    groups only use multiples of 5); ``mask`` has bit g set for high group g.
+    """
+
+    d: np.ndarray       # float16 [rows, nb]
+    z: np.ndarray       # uint8   [rows, nb]
+    mask: np.ndarray    # uint8   [rows, nb]
+    levels: np.ndarray  # uint8   [rows, nb, 64]
+
+    def dequantize(self) -> np.ndarray:
+        """w = d * (16 L - z) / 16, exact in float32 (see FORMAT.md)."""
+        d = self.d.astype(np.float32)[..., None]
+        q = 16 * self.levels.astype(np.int32) - self.z.astype(np.int32)[..., None]
+        w = d * q.astype(np.float32) / np.float32(16)
+        return w.reshape(w.shape[0], -1)
+
+
+def high_group_flags(mask: np.ndarray) -> np.ndarray:
+    """uint8 mask [...] -> bool [..., 8], group g high when bit g is set."""
+    return ((mask[..., None] >> np.arange(N_GROUPS, dtype=np.uint8)) & 1).astype(bool)
+
+
+def popcount8(mask: np.ndarray) -> np.ndarray:
+    return high_group_flags(mask).sum(-1)
+
+
+@dataclass(frozen=True)
+class HIQ2Type:
+    """One member of the family: blocks of 64 weights with ``n_high`` 4-bit groups."""
+
+    n_high: int
+
+    @property
+    def type_id(self) -> int:
+        return FIRST_TYPE_ID + self.n_high
+
+    @property
+    def name(self) -> str:
+        return f"HIQ2_H{self.n_high}"
+
+    block_size = BLOCK
+
+    @property
+    def type_size(self) -> int:
+        return HEADER_BYTES + QL_BYTES + 2 * self.n_high
+
+    @property
+    def bpw(self) -> float:
+        return self.type_size * 8 / BLOCK
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of channel groups stored high-bit."""
+        return self.n_high / N_GROUPS
+
+    # ---- shapes -----------------------------------------------------------
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise FormatError(f"{self.name} stores 2-D weights, got shape {tuple(shape)}")
+        if shape[1] % BLOCK:
+            raise FormatError(
+                f"{self.name} needs a multiple of {BLOCK} input columns, got {shape[1]} "
+                f"(shape {tuple(shape)})")
+
+    def row_bytes(self, n_cols: int) -> int:
+        return n_cols // BLOCK * self.type_size
+
+    # ---- packing ------------------------------------------------------------
+    def pack(self, codes: Codes) -> np.ndarray:
+        """Codes -> uint8 [rows, nblocks * type_size], the bytes the file stores."""
+        rows, nb = codes.d.shape
+        high = high_group_flags(codes.mask)                      # [r, nb, 8]
+        if (high.sum(-1) != self.n_high).any():
+            raise FormatError(f"{self.name}: every block mask needs exactly {self.n_high} bits set")
+        lv = codes.levels.astype(np.uint8).reshape(rows, nb, N_GROUPS, GROUP)
+        if (lv > 15).any():
+            raise FormatError("levels must lie in 0..15")
+        low_lv = lv[~high]
+        if (low_lv % LOW_STEP).any():
+            raise FormatError("low-group levels must be multiples of 5")
+        c = np.where(high[..., None], lv, lv // LOW_STEP).reshape(rows, nb, BLOCK)
+
+        out = np.zeros((rows, nb, self.type_size), dtype=np.uint8)
+        out[..., 0:2] = codes.d.astype("<f2").view(np.uint8).reshape(rows, nb, 2)
+        out[..., 2] = codes.z
+        out[..., 3] = codes.mask
+        low2 = (c & 3).reshape(rows, nb, 4, QL_BYTES)            # [.., plane s, byte]
+        ql = np.zeros((rows, nb, QL_BYTES), dtype=np.uint8)
+        for s in range(4):
+            ql |= low2[..., s, :] << (2 * s)
+        out[..., 4:20] = ql
+        if self.n_high:
+            # upper 2 bits of the high groups, in increasing group order
+            order = np.argsort(~high, axis=-1, kind="stable")[..., : self.n_high]  # [r, nb, H]
+            hc = np.take_along_axis(c.reshape(rows, nb, N_GROUPS, GROUP), order[..., None], axis=2)
+            up = (hc >> 2).reshape(rows, nb, self.n_high, 2, 4)  # [.., k, byte, j%4]
+            qh = np.zeros((rows, nb, self.n_high, 2), dtype=np.uint8)
+            for j in range(4):
+                qh |= up[..., j] << (2 * j)
+            out[..., 20:] = qh.reshape(rows, nb, 2 * self.n_high)
+        return out.reshape(rows, nb * self.type_size)
+
+    def unpack(self, raw: np.ndarray) -> Codes:
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        if raw.ndim != 2 or raw.shape[1] % self.type_size:
+            raise FormatError(f"{self.name}: row bytes {raw.shape} are not a whole number of "
+                              f"{self.type_size}-byte blocks")
+        rows = raw.shape[0]
+        b = raw.reshape(rows, -1, self.type_size)
+        nb = b.shape[1]
+        d = b[..., 0:2].copy().view("<f2").reshape(rows, nb)
+        z = b[..., 2].copy()
+        mask = b[..., 3].copy()
+        high = high_group_flags(mask)
+        if (high.sum(-1) != self.n_high).any():
+            raise FormatError(f"{self.name}: a block mask does not have {self.n_high} bits set")
+        ql = b[..., 4:20]
+        c = np.concatenate([(ql >> (2 * s)) & 3 for s in range(4)], axis=-1)  # [r, nb, 64]
+        c = c.reshape(rows, nb, N_GROUPS, GROUP)
+        if self.n_high:
+            qh = b[..., 20:].reshape(rows, nb, self.n_high, 2)
+            up = np.stack([(qh >> (2 * j)) & 3 for j in range(4)], axis=-1).reshape(
+                rows, nb, self.n_high, GROUP)
+            order = np.argsort(~high, axis=-1, kind="stable")[..., : self.n_high]
+            cur = np.take_along_axis(c, order[..., None], axis=2)
+            np.put_along_axis(c, order[..., None], cur | (up << 2), axis=2)
+        levels = np.where(high[..., None], c, c * LOW_STEP).astype(np.uint8)
+        return Codes(d=d, z=z, mask=mask, levels=levels.reshape(rows, nb, BLOCK))
+
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        """uint8 [rows, nbytes] -> float32 [rows, cols]."""
+        return self.unpack(raw).dequantize()
+
+    # ---- reference quantizer (byte-identical to the C one) ------------------
+    def quantize_ref(self, x: np.ndarray) -> np.ndarray:
+        """float32 [rows, cols] -> packed bytes, by FORMAT.md's reference algorithm."""
+        x = np.asarray(x, dtype=np.float32)
+        self.check_shape(x.shape)
+        rows = x.shape[0]
+        xb = x.reshape(rows, -1, BLOCK)
+        nb = xb.shape[1]
+        score = np.abs(xb).reshape(rows, nb, N_GROUPS, GROUP).max(-1)
+        mask = select_mask(score, self.n_high)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lo = np.minimum(xb.min(-1), np.float32(0))
+            hi = np.maximum(xb.max(-1), np.float32(0))
+            d = ((hi - lo) / np.float32(15)).astype(np.float16)
+            df = d.astype(np.float32)
+            zero = df == 0
+            zf = np.floor(-lo / df * np.float32(16) + np.float32(0.5))
+            z = np.where(zero, 0, np.clip(zf, 0, 255)).astype(np.uint8)
+            m = (z.astype(np.float32) / np.float32(16))[..., None]
+            t = xb / df[..., None] + m
+            lv_high = np.clip(np.floor(t + np.float32(0.5)), 0, 15)
+            c_low = np.clip(np.floor((t + np.float32(2.5)) / np.float32(LOW_STEP)), 0, 3)
+        high = np.repeat(high_group_flags(mask), GROUP, axis=-1)
+        levels = np.where(high, lv_high, c_low * LOW_STEP)
+        levels = np.where(zero[..., None], 0, levels).astype(np.uint8)
+        return self.pack(Codes(d=d, z=z, mask=mask, levels=levels))
+
+
+def select_mask(score: np.ndarray, n_high: int) -> np.ndarray:
+    """Top-``n_high`` groups by score per block (ties: lower index) -> uint8 mask."""
+    order = np.argsort(-score, axis=-1, kind="stable")[..., :n_high]
+    bits = np.zeros(score.shape[:-1], dtype=np.uint8)
+    for k in range(n_high):
+        bits |= (np.uint8(1) << order[..., k].astype(np.uint8))
+    return bits
+
+
+HIQ2_TYPES: dict[int, HIQ2Type] = {t.type_id: t for t in (HIQ2Type(h) for h in range(N_GROUPS + 1))}
+_BY_NAME = {t.name: t for t in HIQ2_TYPES.values()}
+
+
+def get_type(key: int | str) -> HIQ2Type:
+    if isinstance(key, str):
+        t = _BY_NAME.get(key.upper())
+    else:
+        t = HIQ2_TYPES.get(int(key))
+    if t is None:
+        raise FormatError(f"not an HIQ2 type: {key!r} (known: {', '.join(_BY_NAME)})")
+    return t
+
+
+def is_hiq2(type_id: int) -> bool:
+    return int(type_id) in HIQ2_TYPES
+
+
+def min_bpw() -> float:
+    return min(t.bpw for t in HIQ2_TYPES.values())
+
+
+def max_bpw() -> float:
+    return max(t.bpw for t in HIQ2_TYPES.values())
+
+
+def register_with_gguf() -> None:
+    """Teach the gguf package our type ids, so GGUFReader/GGUFWriter handle them.
+
+    gguf's enum stops at mainline ids; we add pseudo-members and their block
+    sizes. Idempotent; this is the only place that touches gguf's tables.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+    for t in HIQ2_TYPES.values():
+        if t.type_id in QT._value2member_map_:
+            continue
+        member = int.__new__(QT, t.type_id)
+        member._name_ = t.name
+        member._value_ = t.type_id
+        QT._value2member_map_[t.type_id] = member
+        GGML_QUANT_SIZES[member] = (BLOCK, t.type_size)

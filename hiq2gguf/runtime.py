@@ -1,0 +1,382 @@
+"""The patched llama.cpp runtime: build it, find its libraries and tools.
+
+``build()`` downloads the pinned llama-cpp-python sdist, applies the HIQ2 type
+family (kernels/ggml/patch.py) to its vendored llama.cpp, builds the shared
+libraries and command-line tools with CMake + Ninja, and installs the
+llama-cpp-python package (Python bindings only) into the current interpreter.
+``configure_python()`` points llama_cpp at the patched libraries.
+
+Layout under the cache dir ($HIQ2GGUF_CACHE or ~/.cache/hiq2gguf):
+    dl/llama_cpp_python-<ver>.tar.gz          the sdist (downloaded once)
+    runtime/llama.cpp-<ver>-<key>/src/        extracted + patched sdist
+    runtime/llama.cpp-<ver>-<key>/build/      CMake build; bin/ has libs and tools
+    runtime/llama.cpp-<ver>-<key>/build.log   full tool output
+    runtime/llama.cpp-<ver>-<key>/COMPLETE    stamp, written last
+``key`` is a sha256 over the sdist version, kernels/ggml/*, the CMake
+arguments and the targets, so the build is redone only when one of them
+changes (ccache makes a rebuild after a kernel edit cheap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KERNELS_DIR = REPO_ROOT / "kernels" / "ggml"
+
+CMAKE_ARGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_NATIVE=ON",
+    "-DGGML_CUDA=OFF",
+    "-DGGML_METAL=OFF",
+    "-DGGML_VULKAN=OFF",
+    "-DGGML_BLAS=OFF",
+    "-DGGML_CCACHE=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    # llama-cli in this llama.cpp is a client of the server library (+ web UI
+    # assets); llama-completion is the classic one-shot CLI and is built instead.
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+]
+
+TARGETS = [
+    "llama", "ggml", "ggml-base", "ggml-cpu",
+    "llama-completion", "llama-perplexity", "llama-bench", "llama-quantize", "llama-imatrix",
+    "test-quantize-fns", "test-backend-ops",
+]
+
+PY_DEPS = ["typing_extensions", "diskcache", "jinja2", "numpy"]
+
+
+class RuntimeMissing(RuntimeError):
+    """The patched llama.cpp runtime is not built (or not usable)."""
+
+    def __init__(self, detail: str = ""):
+        msg = "the patched llama.cpp runtime is not built; run `hiq2gguf runtime build`"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+# ---- locations -------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("HIQ2GGUF_CACHE") or "~/.cache/hiq2gguf").expanduser()
+
+
+def _kernel_files() -> list[Path]:
+    if not KERNELS_DIR.is_dir():
+        raise BuildError(f"kernel sources not found at {KERNELS_DIR}")
+    return sorted(p for p in KERNELS_DIR.iterdir()
+                  if p.is_file() and p.suffix in (".c", ".h", ".py", ".cpp") and not p.name.startswith("."))
+
+
+def build_key() -> str:
+    h = hashlib.sha256()
+    h.update(f"sdist={SDIST_NAME}=={SDIST_VERSION}\n".encode())
+    for p in _kernel_files():
+        h.update(f"file={p.name}\n".encode())
+        h.update(p.read_bytes())
+    h.update(("cmake=" + "\0".join(CMAKE_ARGS) + "\n").encode())
+    h.update(("targets=" + "\0".join(TARGETS) + "\n").encode())
+    return h.hexdigest()
+
+
+def _work_dir(key: str | None = None) -> Path:
+    key = key or build_key()
+    return cache_dir() / "runtime" / f"llama.cpp-{SDIST_VERSION}-{key[:16]}"
+
+
+def _stamp(work: Path) -> Path:
+    return work / "COMPLETE"
+
+
+def _find_built(require: bool = True) -> Path | None:
+    """Work dir of the build matching the current sources (if complete)."""
+    work = _work_dir()
+    if _stamp(work).exists():
+        return work
+    if require:
+        others = sorted((cache_dir() / "runtime").glob("llama.cpp-*/COMPLETE"))
+        detail = f"no complete build for the current kernel sources under {cache_dir() / 'runtime'}"
+        if others:
+            detail += f"; {len(others)} build(s) for other sources exist (kernels changed since)"
+        raise RuntimeMissing(detail)
+    return None
+
+
+def lib_dir() -> Path:
+    """Directory holding libllama.so and libggml*.so of the patched build."""
+    work = _find_built()
+    for d in (work / "build" / "bin", work / "build" / "lib"):
+        if (d / "libllama.so").exists() or (d / "libllama.dylib").exists():
+            return d
+    raise RuntimeMissing(f"libllama not found in {work / 'build'}")
+
+
+def tool(name: str) -> Path:
+    """Path of a built tool, e.g. tool('llama-perplexity')."""
+    work = _find_built()
+    p = work / "build" / "bin" / name
+    if not p.exists():
+        built = sorted(x.name for x in (work / "build" / "bin").iterdir()
+                       if x.is_file() and os.access(x, os.X_OK) and not x.name.endswith((".so", ".dylib")))
+        raise RuntimeMissing(f"tool {name!r} is not part of the build (built: {', '.join(built)})")
+    return p
+
+
+def is_built() -> bool:
+    try:
+        lib_dir()
+        return True
+    except (RuntimeMissing, BuildError):
+        return False
+
+
+def configure_python() -> Path:
+    """Point llama_cpp (llama-cpp-python) at the patched libraries. Call before importing llama_cpp."""
+    d = lib_dir()
+    if "llama_cpp" in sys.modules:
+        cur = os.environ.get("LLAMA_CPP_LIB_PATH")
+        if cur != str(d):
+            raise RuntimeError("llama_cpp was imported before configure_python(); it may have loaded "
+                               "an unpatched libllama. Call hiq2gguf.runtime.configure_python() first.")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
+    return d
+
+
+# ---- build -----------------------------------------------------------------------
+class _Log:
+    def __init__(self, path: Path):
+        self.path = path
+        self.t0 = time.monotonic()
+
+    def phase(self, msg: str) -> None:
+        line = f"[runtime {time.monotonic() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"\n==== {line}\n")
+
+    def run(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("$ " + " ".join(str(c) for c in cmd) + "\n")
+            f.flush()
+            r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                               env=env, cwd=cwd)
+        if r.returncode != 0:
+            tail = self.tail(40)
+            raise BuildError(f"command failed (exit {r.returncode}): {' '.join(str(c) for c in cmd)}\n"
+                             f"--- last lines of {self.path} ---\n{tail}\n--- full log: {self.path}")
+
+    def tail(self, n: int) -> str:
+        try:
+            return "\n".join(self.path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _sdist(log: _Log) -> Path:
+    dl = cache_dir() / "dl"
+    p = dl / SDIST_FILE
+    if p.exists() and p.stat().st_size > 0:
+        log.phase(f"sdist: reusing {p}")
+        return p
+    dl.mkdir(parents=True, exist_ok=True)
+    log.phase(f"sdist: downloading {SDIST_NAME}=={SDIST_VERSION} into {dl}")
+    log.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"{SDIST_NAME}=={SDIST_VERSION}", "-d", dl])
+    if not p.exists():
+        raise BuildError(f"pip download did not produce {p}")
+    return p
+
+
+def _extract(sdist: Path, work: Path, log: _Log) -> Path:
+    src = work / "src"
+    root = src / "vendor" / "llama.cpp"
+    if (root / "ggml" / "include" / "ggml.h").exists() and (work / ".extracted").exists():
+        log.phase(f"extract: reusing {src}")
+        return root
+    log.phase(f"extract: {sdist.name} -> {src}")
+    tmp = work / "src.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(sdist) as tf:
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tf.extractall(tmp, **kw)
+    top = [p for p in tmp.iterdir() if p.is_dir()]
+    if len(top) != 1:
+        raise BuildError(f"unexpected sdist layout in {sdist}: {[p.name for p in tmp.iterdir()]}")
+    top[0].rename(src)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (work / ".extracted").write_text(sdist.name)
+    if not (root / "ggml" / "include" / "ggml.h").exists():
+        raise BuildError(f"no vendor/llama.cpp in {sdist}")
+    return root
+
+
+def _load_patch_module():
+    spec = importlib.util.spec_from_file_location("hiq2_ggml_patch", KERNELS_DIR / "patch.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build_env(work: Path) -> dict:
+    env = dict(os.environ)
+    # relative paths in ccache keys: builds in other work dirs share the cache
+    env.setdefault("CCACHE_BASEDIR", str(work))
+    env.setdefault("CCACHE_NOHASHDIR", "1")
+    return env
+
+
+def _python_package_ok() -> bool:
+    try:
+        from importlib.metadata import version
+        return version(SDIST_NAME) == SDIST_VERSION
+    except Exception:
+        return False
+
+
+def install_python_package(sdist: Path | None = None, log: _Log | None = None, force: bool = False) -> None:
+    """Install llama-cpp-python==SDIST_VERSION (bindings only, no llama.cpp compile) if needed."""
+    if log is None:
+        log = _Log(cache_dir() / "python-install.log")
+        log.path.parent.mkdir(parents=True, exist_ok=True)
+    if _python_package_ok() and not force:
+        log.phase(f"python: {SDIST_NAME} {SDIST_VERSION} already installed")
+        return
+    sdist = sdist or _sdist(log)
+    log.phase(f"python: installing {SDIST_NAME} {SDIST_VERSION} bindings (no llama.cpp compile)")
+    env = dict(os.environ)
+    env["CMAKE_ARGS"] = "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"
+    log.run([sys.executable, "-m", "pip", "install", "--no-deps", str(sdist)], env=env)
+    log.run([sys.executable, "-m", "pip", "install", *PY_DEPS])
+
+
+def build(force: bool = False, python_package: bool = True, jobs: int | None = None) -> Path:
+    """Build (if needed) the patched runtime; returns the lib dir (build/bin)."""
+    key = build_key()
+    work = _work_dir(key)
+    if _stamp(work).exists() and not force:
+        print(f"[runtime] up to date: {work}", flush=True)
+        if python_package:
+            install_python_package(log=_Log(work / "build.log"))
+        return lib_dir()
+
+    work.mkdir(parents=True, exist_ok=True)
+    _stamp(work).unlink(missing_ok=True)
+    log = _Log(work / "build.log")
+    log.phase(f"building patched llama.cpp ({SDIST_NAME} {SDIST_VERSION}) in {work}; log: {log.path}")
+    try:
+        for exe in ("cmake", "ninja"):
+            if shutil.which(exe) is None:
+                raise BuildError(f"{exe} not found on PATH (apt-get install cmake ninja-build, or pip install {exe})")
+        sdist = _sdist(log)
+        root = _extract(sdist, work, log)
+
+        log.phase("patch: applying the HIQ2 type family")
+        patch = _load_patch_module()
+        try:
+            patch.apply(root, verbose=False)
+        except patch.PatchError as e:
+            raise BuildError(str(e)) from e
+
+        bdir = work / "build"
+        if force:
+            shutil.rmtree(bdir, ignore_errors=True)
+        env = _build_env(work)
+        if shutil.which("ccache") is None:
+            log.phase("note: ccache not found; rebuilds after kernel edits will be slower")
+        log.phase("cmake: configure")
+        log.run(["cmake", "-S", root, "-B", bdir, "-G", "Ninja", *CMAKE_ARGS], env=env)
+
+        jobs = jobs or os.cpu_count() or 2
+        log.phase(f"cmake: build {len(TARGETS)} targets with {jobs} jobs (this takes minutes on a few cores)")
+        log.run(["cmake", "--build", bdir, "-j", str(jobs), "--target", *TARGETS], env=env)
+
+        libd = bdir / "bin"
+        if not (libd / "libllama.so").exists() and not (libd / "libllama.dylib").exists():
+            raise BuildError(f"build finished but libllama is not in {libd}; see {log.path}")
+
+        if python_package:
+            install_python_package(sdist, log)
+
+        _stamp(work).write_text(json.dumps({
+            "key": key, "sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "cmake_args": CMAKE_ARGS,
+            "targets": TARGETS, "lib_dir": str(libd), "seconds": round(time.monotonic() - log.t0, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, indent=1))
+        log.phase(f"done: libraries and tools in {libd}")
+        return libd
+    except BuildError:
+        print(f"[runtime] build FAILED; full log: {log.path}", file=sys.stderr, flush=True)
+        raise
+    except BaseException:
+        print(f"[runtime] build interrupted; log: {log.path}", file=sys.stderr, flush=True)
+        raise
+
+
+# ---- CLI hooks (wired by hiq2gguf's `runtime build|path` subcommand) ---------------
+def add_build_arguments(parser) -> None:
+    parser.add_argument("--force", action="store_true", help="rebuild from scratch even if up to date")
+    parser.add_argument("--no-python", action="store_true", help="do not install the llama-cpp-python bindings")
+    parser.add_argument("-j", "--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
+
+
+def main_build(args) -> int:
+    try:
+        d = build(force=getattr(args, "force", False),
+                  python_package=not getattr(args, "no_python", False),
+                  jobs=getattr(args, "jobs", None))
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(d)
+    return 0
+
+
+def main_path(args) -> int:
+    """Print the lib dir, or with args.tool set, that tool's path."""
+    try:
+        name = getattr(args, "tool", None)
+        print(tool(name) if name else lib_dir())
+    except RuntimeMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # python -m hiq2gguf.runtime [build|path [tool]]
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m hiq2gguf.runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_build_arguments(sub.add_parser("build"))
+    pp = sub.add_parser("path")
+    pp.add_argument("tool", nargs="?")
+    a = ap.parse_args()
+    sys.exit(main_build(a) if a.cmd == "build" else main_path(a))
