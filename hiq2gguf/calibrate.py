@@ -32,7 +32,7 @@ class FisherCollector:
             self.sums[n] += p.grad.to(torch.float32) ** 2
             p.grad = None
         self.n_samples += input_ids.shape[0]
-        return float(out.loss)
+        return float(out.loss.detach())
 
     def fisher(self) -> dict[str, torch.Tensor]:
         return {n: s / max(self.n_samples, 1) for n, s in self.sums.items()}

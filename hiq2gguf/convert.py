@@ -19,7 +19,7 @@ from hiq2gguf import data, evaluate
 from hiq2gguf.formats import HIQ2_TYPES, FormatError, HIQ2Type, min_bpw
 from hiq2gguf.gguf_io import atomic_output
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn
-from hiq2gguf.writer import EMBED_TYPE, PackedTensor, stock_roundtrip, write_gguf
+from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
 
 
 class BudgetError(ValueError):
@@ -111,21 +111,8 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
 
     # 2. quantize (codes -> packed bytes; the torch model gets the exact dequantized weights)
     t0 = time.time()
-    packed: dict[str, PackedTensor] = {}
-    for name in tqdm(list(params), desc="quantize", unit="layer", disable=not cfg.progress):
-        p = params[name]
-        codes = quantize_rtn(p.data, qtype.n_high, fisher[name])
-        packed[name] = PackedTensor(qtype=qtype, raw=qtype.pack(codes), shape=tuple(p.shape))
-        with torch.no_grad():
-            p.data.copy_(dequantize_torch(codes))
+    packed, stock = quantize_model(model, converter, {n: qtype for n in params}, fisher, cfg.progress)
     del fisher
-    stock = {}
-    for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight") or (name == "lm_head.weight" and not converter.skip(name)):
-            raw, deq = stock_roundtrip(p.detach().numpy())
-            stock[name] = raw
-            with torch.no_grad():
-                p.data.copy_(torch.from_numpy(deq))
     report["quantize_seconds"] = round(time.time() - t0, 1)
 
     # 3. write
@@ -153,6 +140,29 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     if report_path:
         write_report(report, report_path)
     return report
+
+
+def quantize_model(model, converter, plan: dict[str, HIQ2Type], importance: dict[str, torch.Tensor] | None,
+                   progress: bool = True) -> tuple[dict[str, PackedTensor], dict[str, object]]:
+    """Quantize in place: every linear weight in ``plan`` becomes its HIQ2 codes (returned
+    packed) and, in the torch model, exactly their dequantized values; embeddings (and an
+    untied head) likewise go through the stock embedding type."""
+    params = dict(model.named_parameters())
+    packed: dict[str, PackedTensor] = {}
+    for name in tqdm(list(plan), desc="quantize", unit="layer", disable=not progress):
+        p, qtype = params[name], plan[name]
+        codes = quantize_rtn(p.data, qtype.n_high, None if importance is None else importance[name])
+        packed[name] = PackedTensor(qtype=qtype, raw=qtype.pack(codes), shape=tuple(p.shape))
+        with torch.no_grad():
+            p.data.copy_(dequantize_torch(codes))
+    stock = {}
+    for name, p in params.items():
+        if name.endswith("embed_tokens.weight") or (name == "lm_head.weight" and not converter.skip(name)):
+            raw, deq = stock_roundtrip(p.detach().numpy())
+            stock[name] = raw
+            with torch.no_grad():
+                p.data.copy_(torch.from_numpy(deq))
+    return packed, stock
 
 
 def size_report(path: Path, packed: dict[str, PackedTensor]) -> dict:

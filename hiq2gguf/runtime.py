@@ -242,6 +242,7 @@ def _load_patch_module():
     spec = importlib.util.spec_from_file_location("hiq2_ggml_patch", KERNELS_DIR / "patch.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
+    sys.modules[spec.name] = mod          # dataclasses look the module up while executing it
     spec.loader.exec_module(mod)
     return mod
 

@@ -1,0 +1,298 @@
+"""The C kernels of the patched llama.cpp against the numpy reference (hiq2gguf.formats).
+
+Loads libggml-base / libggml-cpu of the built runtime with ctypes and checks,
+for every HIQ2 type:
+  * type traits (name, block size, type size) and CPU traits (vec_dot_type Q8_0);
+  * dequantize (to_float) == formats.dequantize, bit for bit;
+  * reference quantize (from_float_ref, CPU from_float, ggml_quantize_chunk)
+    == formats.quantize_ref, byte for byte;
+  * vec_dot against Q8_0 == float64 dequant(w) . dequant(q8_0(y)) within
+    VEC_DOT_RTOL * sum |w_i y_i| (float32 accumulation over <= 24 blocks);
+  * ggml_validate_row_data accepts valid rows and rejects a bad mask popcount,
+    NaN / inf / negative scales.
+Skipped (with the reason) when the runtime is not built.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+
+import numpy as np
+import pytest
+
+from hiq2gguf import runtime
+from hiq2gguf.formats import HIQ2_TYPES, get_type
+
+GGML_TYPE_Q8_0 = 8
+QK8_0 = 32
+Q8_0_BYTES = 34
+VEC_DOT_RTOL = 1e-5
+
+TYPES = sorted(HIQ2_TYPES)           # ids 100..108
+COLS = [64, 576, 1536]
+
+
+# ---- ctypes bindings ---------------------------------------------------------------
+class TypeTraits(C.Structure):       # struct ggml_type_traits (ggml.h)
+    _fields_ = [
+        ("type_name", C.c_char_p),
+        ("blck_size", C.c_int64),
+        ("blck_size_interleave", C.c_int64),
+        ("type_size", C.c_size_t),
+        ("is_quantized", C.c_bool),
+        ("to_float", C.c_void_p),
+        ("from_float_ref", C.c_void_p),
+    ]
+
+
+class TypeTraitsCpu(C.Structure):    # struct ggml_type_traits_cpu (ggml-cpu.h)
+    _fields_ = [
+        ("from_float", C.c_void_p),
+        ("vec_dot", C.c_void_p),
+        ("vec_dot_type", C.c_int),
+        ("nrows", C.c_int64),
+    ]
+
+
+# void (*ggml_to_float_t)(const void * x, float * y, int64_t k)
+TO_FLOAT = C.CFUNCTYPE(None, C.c_void_p, C.c_void_p, C.c_int64)
+# void (*ggml_from_float_t)(const float * x, void * y, int64_t k)
+FROM_FLOAT = C.CFUNCTYPE(None, C.c_void_p, C.c_void_p, C.c_int64)
+# void (*ggml_vec_dot_t)(int n, float * s, size_t bs, const void * x, size_t bx, const void * y, size_t by, int nrc)
+VEC_DOT = C.CFUNCTYPE(None, C.c_int, C.c_void_p, C.c_size_t, C.c_void_p, C.c_size_t, C.c_void_p, C.c_size_t, C.c_int)
+
+
+class Ggml:
+    def __init__(self, libdir):
+        self.base = C.CDLL(str(libdir / "libggml-base.so"), mode=C.RTLD_GLOBAL)
+        self.cpu = C.CDLL(str(libdir / "libggml-cpu.so"), mode=C.RTLD_GLOBAL)
+        self.base.ggml_get_type_traits.restype = C.POINTER(TypeTraits)
+        self.base.ggml_get_type_traits.argtypes = [C.c_int]
+        self.base.ggml_validate_row_data.restype = C.c_bool
+        self.base.ggml_validate_row_data.argtypes = [C.c_int, C.c_void_p, C.c_size_t]
+        self.base.ggml_quantize_chunk.restype = C.c_size_t
+        self.base.ggml_quantize_chunk.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.c_int64,
+                                                  C.c_int64, C.c_int64, C.c_void_p]
+        self.cpu.ggml_get_type_traits_cpu.restype = C.POINTER(TypeTraitsCpu)
+        self.cpu.ggml_get_type_traits_cpu.argtypes = [C.c_int]
+        self.cpu.ggml_cpu_init.restype = None
+        self.cpu.ggml_cpu_init()
+
+    def traits(self, type_id: int) -> TypeTraits:
+        return self.base.ggml_get_type_traits(type_id).contents
+
+    def traits_cpu(self, type_id: int) -> TypeTraitsCpu:
+        return self.cpu.ggml_get_type_traits_cpu(type_id).contents
+
+    # numpy-level helpers (row by row, as ggml calls them)
+    def to_float(self, type_id: int, raw: np.ndarray, cols: int) -> np.ndarray:
+        fn = TO_FLOAT(self.traits(type_id).to_float)
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        out = np.empty((raw.shape[0], cols), dtype=np.float32)
+        fn(raw.ctypes.data, out.ctypes.data, out.size)        # whole tensor in one call
+        return out
+
+    def _from_float(self, ptr: int, x: np.ndarray, nbytes_row: int) -> np.ndarray:
+        fn = FROM_FLOAT(ptr)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros((x.shape[0], nbytes_row), dtype=np.uint8)
+        for r in range(x.shape[0]):
+            fn(x[r].ctypes.data, out[r].ctypes.data, x.shape[1])
+        return out
+
+    def quantize_ref(self, type_id: int, x: np.ndarray, nbytes_row: int) -> np.ndarray:
+        return self._from_float(self.traits(type_id).from_float_ref, x, nbytes_row)
+
+    def quantize_cpu(self, type_id: int, x: np.ndarray, nbytes_row: int) -> np.ndarray:
+        return self._from_float(self.traits_cpu(type_id).from_float, x, nbytes_row)
+
+    def quantize_chunk(self, type_id: int, x: np.ndarray, nbytes_row: int) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros((x.shape[0], nbytes_row), dtype=np.uint8)
+        n = self.base.ggml_quantize_chunk(type_id, x.ctypes.data, out.ctypes.data, 0,
+                                          x.shape[0], x.shape[1], None)
+        assert n == out.size
+        return out
+
+    def q8_0(self, y: np.ndarray) -> np.ndarray:
+        return self._from_float(self.traits_cpu(GGML_TYPE_Q8_0).from_float, y[None, :],
+                                y.size // QK8_0 * Q8_0_BYTES)[0]
+
+    def vec_dot(self, type_id: int, wrow: np.ndarray, q8: np.ndarray, n: int) -> float:
+        fn = VEC_DOT(self.traits_cpu(type_id).vec_dot)
+        s = np.zeros(1, dtype=np.float32)
+        wrow = np.ascontiguousarray(wrow)
+        q8 = np.ascontiguousarray(q8)
+        fn(n, s.ctypes.data, 0, wrow.ctypes.data, 0, q8.ctypes.data, 0, 1)
+        return float(s[0])
+
+    def validate(self, type_id: int, raw: np.ndarray) -> bool:
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        return bool(self.base.ggml_validate_row_data(type_id, raw.ctypes.data, raw.nbytes))
+
+
+@pytest.fixture(scope="module")
+def ggml() -> Ggml:
+    try:
+        libdir = runtime.lib_dir()
+    except runtime.RuntimeMissing as e:
+        pytest.skip(str(e))
+    return Ggml(libdir)
+
+
+# ---- data --------------------------------------------------------------------------
+def _float_cases(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    cases = {
+        "normal": rng.standard_normal((rows, cols)).astype(f32),
+        "weights": (rng.standard_normal((rows, cols)) * 0.02).astype(f32),
+        "heavy_tail": (rng.standard_t(2.0, (rows, cols)) * 0.05).astype(f32),
+        "outliers": (rng.standard_normal((rows, cols)) * 0.01).astype(f32),
+        "zeros": np.zeros((rows, cols), f32),
+        "neg_zeros": np.full((rows, cols), -0.0, f32),
+        "constant_pos": np.full((rows, cols), 0.37, f32),
+        "constant_neg": np.full((rows, cols), -1.25, f32),
+        "all_positive": np.abs(rng.standard_normal((rows, cols))).astype(f32) + f32(0.1),
+        "all_negative": -np.abs(rng.standard_normal((rows, cols))).astype(f32) - f32(0.1),
+        "huge": (rng.standard_normal((rows, cols)) * 1e5).astype(f32),       # d near fp16 max
+        "overflow": (rng.standard_normal((rows, cols)) * 1e7).astype(f32),   # d -> inf
+        "small": (rng.standard_normal((rows, cols)) * 1e-5).astype(f32),     # fp16 subnormal d
+        "tiny": (rng.standard_normal((rows, cols)) * 1e-9).astype(f32),      # d -> 0
+        "f32_denormal": (rng.standard_normal((rows, cols)) * 1e-40).astype(f32),
+        "integers": rng.integers(-8, 8, (rows, cols)).astype(f32),           # score ties, exact halves
+        "halves": (rng.integers(-32, 32, (rows, cols)) * 0.5).astype(f32),
+        "sparse": np.where(rng.random((rows, cols)) < 0.05,
+                           rng.standard_normal((rows, cols)), 0).astype(f32),
+    }
+    cases["outliers"][:, rng.integers(0, cols, 3)] = f32(3.0)
+    # blocks where one group alone is large and the rest identical (tie handling)
+    t = np.full((rows, cols), 0.5, f32)
+    t[:, 8:16] = 2.0
+    cases["group_ties"] = t
+    return cases
+
+
+def _random_raw(t, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random valid blocks: any finite fp16 d (incl. subnormal/negative), any z/codes, popcount(mask)=H."""
+    rng = np.random.default_rng(seed)
+    nb = cols // 64
+    raw = rng.integers(0, 256, (rows, nb, t.type_size), dtype=np.uint8)
+    d = rng.standard_normal((rows, nb)).astype(np.float16) * np.float16(0.1)
+    d[:, ::3] = (rng.integers(0, 1 << 10, (rows, (nb + 2) // 3)).astype(np.uint16)).view(np.float16)
+    d[:, 1::5] = np.float16(65504)
+    d = np.where(np.isfinite(d), d, np.float16(1.0)).astype(np.float16)
+    raw[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(rows, nb, 2)
+    masks = np.zeros((rows, nb), np.uint8)
+    for r in range(rows):
+        for b in range(nb):
+            for g in rng.choice(8, t.n_high, replace=False):
+                masks[r, b] |= np.uint8(1 << int(g))
+    raw[..., 3] = masks
+    return raw.reshape(rows, nb * t.type_size)
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+    ai, bi = a.view(np.uint32), b.view(np.uint32)
+    if not np.array_equal(ai, bi):
+        idx = np.argwhere(ai != bi)
+        i = tuple(idx[0])
+        raise AssertionError(f"{len(idx)} values differ; first at {i}: C={a[i]!r} ({ai[i]:#010x}) "
+                             f"numpy={b[i]!r} ({bi[i]:#010x})")
+
+
+def _bytes_equal(c: np.ndarray, ref: np.ndarray, t, what: str) -> None:
+    assert c.shape == ref.shape
+    if not np.array_equal(c, ref):
+        r, col = np.argwhere(c != ref)[0]
+        blk = col // t.type_size
+        raise AssertionError(
+            f"{what}: bytes differ (row {r}, block {blk}, byte {col % t.type_size}); "
+            f"C={c[r, blk * t.type_size:(blk + 1) * t.type_size].tolist()} "
+            f"numpy={ref[r, blk * t.type_size:(blk + 1) * t.type_size].tolist()}")
+
+
+# ---- tests -------------------------------------------------------------------------
+@pytest.mark.parametrize("type_id", TYPES)
+def test_traits(ggml, type_id):
+    t = get_type(type_id)
+    tr = ggml.traits(type_id)
+    assert tr.type_name.decode() == t.name.lower()
+    assert tr.blck_size == t.block_size == 64
+    assert tr.type_size == t.type_size
+    assert tr.is_quantized
+    assert tr.to_float and tr.from_float_ref
+    cpu = ggml.traits_cpu(type_id)
+    assert cpu.from_float and cpu.vec_dot
+    assert cpu.vec_dot_type == GGML_TYPE_Q8_0
+    assert cpu.nrows == 1
+
+
+@pytest.mark.parametrize("cols", COLS)
+@pytest.mark.parametrize("type_id", TYPES)
+def test_dequantize_random_blocks(ggml, type_id, cols):
+    t = get_type(type_id)
+    raw = _random_raw(t, 5, cols, seed=type_id * 1000 + cols)
+    _bits_equal(ggml.to_float(type_id, raw, cols), t.dequantize(raw))
+
+
+@pytest.mark.parametrize("cols", [576, 1536])
+@pytest.mark.parametrize("type_id", TYPES)
+def test_quantize_and_dequantize_match_numpy(ggml, type_id, cols):
+    t = get_type(type_id)
+    nbytes = t.row_bytes(cols)
+    for name, x in _float_cases(4, cols, seed=type_id + cols).items():
+        with np.errstate(all="ignore"):
+            ref = t.quantize_ref(x)
+        _bytes_equal(ggml.quantize_ref(type_id, x, nbytes), ref, t, f"{name}: from_float_ref")
+        _bytes_equal(ggml.quantize_cpu(type_id, x, nbytes), ref, t, f"{name}: cpu from_float")
+        _bytes_equal(ggml.quantize_chunk(type_id, x, nbytes), ref, t, f"{name}: ggml_quantize_chunk")
+        with np.errstate(all="ignore"):
+            deq = t.dequantize(ref)
+        _bits_equal(ggml.to_float(type_id, ref, cols), deq)
+
+
+@pytest.mark.parametrize("cols", COLS)
+@pytest.mark.parametrize("type_id", TYPES)
+def test_vec_dot_q8_0(ggml, type_id, cols):
+    t = get_type(type_id)
+    rng = np.random.default_rng(type_id * 7 + cols)
+    cases = _float_cases(3, cols, seed=cols)
+    for name in ("normal", "weights", "heavy_tail", "outliers", "all_positive", "all_negative",
+                 "zeros", "integers", "small"):
+        w = cases[name]
+        raw = t.quantize_ref(w)
+        wd = t.dequantize(raw).astype(np.float64)
+        for r in range(w.shape[0]):
+            y = (rng.standard_normal(cols) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
+            q8 = ggml.q8_0(y)
+            blocks = q8.reshape(-1, Q8_0_BYTES)
+            dy = blocks[:, 0:2].copy().view("<f2").astype(np.float64)
+            qy = blocks[:, 2:].view(np.int8).astype(np.float64)
+            yd = (dy * qy).reshape(-1)
+            terms = wd[r] * yd
+            ref = terms.sum()
+            got = ggml.vec_dot(type_id, raw[r], q8, cols)
+            tol = VEC_DOT_RTOL * np.abs(terms).sum() + 1e-30
+            assert abs(got - ref) <= tol, f"{name} row {r}: C={got!r} ref={ref!r} tol={tol:g}"
+
+
+@pytest.mark.parametrize("type_id", TYPES)
+def test_validate_row_data(ggml, type_id):
+    t = get_type(type_id)
+    x = np.random.default_rng(type_id).standard_normal((1, 576)).astype(np.float32)
+    good = t.quantize_ref(x)[0]
+    assert ggml.validate(type_id, good)
+
+    bad = good.copy()                          # popcount(mask) != H in block 3
+    off = 3 * t.type_size + 3
+    bad[off] = np.uint8(0xFF) if t.n_high != 8 else np.uint8(0x7F)
+    assert not ggml.validate(type_id, bad)
+
+    for name, val in [("nan", np.nan), ("inf", np.inf), ("neg", -0.5)]:
+        bad = good.copy()                      # d of block 5
+        bad[5 * t.type_size: 5 * t.type_size + 2] = np.array([val], "<f2").view(np.uint8)
+        assert not ggml.validate(type_id, bad), name
+
+    assert not ggml.validate(type_id, good[:-1])   # not a whole number of blocks
