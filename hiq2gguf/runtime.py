@@ -65,17 +65,24 @@ TARGETS = [
     "test-quantize-fns", "test-backend-ops",
 ]
 
+# tools deliberately left out, with the reason
+NOT_BUILT = {
+    "llama-cli": "in this llama.cpp it is a client of the server library and web UI; "
+                 "use tool('llama-completion') for one-shot generation",
+}
+
 PY_DEPS = ["typing_extensions", "diskcache", "jinja2", "numpy"]
 
 
 class RuntimeMissing(RuntimeError):
-    """The patched llama.cpp runtime is not built (or not usable)."""
+    """The patched llama.cpp runtime is not built (or lacks what was asked for)."""
 
-    def __init__(self, detail: str = ""):
-        msg = "the patched llama.cpp runtime is not built; run `hiq2gguf runtime build`"
-        if detail:
-            msg += f" ({detail})"
-        super().__init__(msg)
+    def __init__(self, detail: str = "", message: str | None = None):
+        if message is None:
+            message = "the patched llama.cpp runtime is not built; run `hiq2gguf runtime build`"
+            if detail:
+                message += f" ({detail})"
+        super().__init__(message)
 
 
 class BuildError(RuntimeError):
@@ -141,6 +148,8 @@ def tool(name: str) -> Path:
     """Path of a built tool, e.g. tool('llama-perplexity')."""
     work = _find_built()
     p = work / "build" / "bin" / name
+    if not p.exists() and name in NOT_BUILT:
+        raise RuntimeMissing(message=f"{name} is not part of the hiq2gguf runtime: {NOT_BUILT[name]}")
     if not p.exists():
         built = sorted(x.name for x in (work / "build" / "bin").iterdir()
                        if x.is_file() and os.access(x, os.X_OK) and not x.name.endswith((".so", ".dylib")))
@@ -324,15 +333,18 @@ def build(force: bool = False, python_package: bool = True, jobs: int | None = N
         if not (libd / "libllama.so").exists() and not (libd / "libllama.dylib").exists():
             raise BuildError(f"build finished but libllama is not in {libd}; see {log.path}")
 
-        if python_package:
-            install_python_package(sdist, log)
-
-        _stamp(work).write_text(json.dumps({
+        # the C build is complete: stamp it before the (network-dependent) Python install
+        tmp = work / "COMPLETE.tmp"
+        tmp.write_text(json.dumps({
             "key": key, "sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "cmake_args": CMAKE_ARGS,
             "targets": TARGETS, "lib_dir": str(libd), "seconds": round(time.monotonic() - log.t0, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=1))
+        os.replace(tmp, _stamp(work))                 # atomic: a killed build leaves no stamp
+        if python_package:
+            install_python_package(sdist, log)
         log.phase(f"done: libraries and tools in {libd}")
+        _prune_old_builds(work)
         return libd
     except BuildError:
         print(f"[runtime] build FAILED; full log: {log.path}", file=sys.stderr, flush=True)
@@ -340,6 +352,30 @@ def build(force: bool = False, python_package: bool = True, jobs: int | None = N
     except BaseException:
         print(f"[runtime] build interrupted; log: {log.path}", file=sys.stderr, flush=True)
         raise
+
+
+def _prune_old_builds(current: Path, keep: int = 1, quiet_s: float = 900.0) -> None:
+    """Remove other build dirs, keeping the `keep` newest complete ones besides `current`.
+
+    Dirs touched within the last `quiet_s` seconds are left alone (a build may be running there).
+    """
+    now = time.time()
+    others = [p for p in current.parent.glob(f"llama.cpp-*") if p.is_dir() and p != current]
+    complete = sorted((p for p in others if _stamp(p).exists()), key=lambda p: _stamp(p).stat().st_mtime,
+                      reverse=True)
+    keep_set = set(complete[:keep])
+    for p in others:
+        if p in keep_set:
+            continue
+        try:
+            newest = max((q.stat().st_mtime for q in (p, p / "build.log", p / "build") if q.exists()),
+                         default=0.0)
+        except OSError:
+            continue
+        if now - newest < quiet_s:
+            continue
+        print(f"[runtime] removing old build {p}", flush=True)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # ---- CLI hooks (wired by hiq2gguf's `runtime build|path` subcommand) ---------------

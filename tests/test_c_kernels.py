@@ -296,3 +296,100 @@ def test_validate_row_data(ggml, type_id):
         assert not ggml.validate(type_id, bad), name
 
     assert not ggml.validate(type_id, good[:-1])   # not a whole number of blocks
+
+
+@pytest.mark.parametrize("type_id", TYPES)
+def test_invalid_mask_is_consistent(ggml, type_id):
+    """Data that fails validation (too many mask bits) must not crash or read past a block:
+    to_float and vec_dot agree (groups beyond the H-th set bit decode as low groups)."""
+    t = get_type(type_id)
+    cols = 576
+    raw = _random_raw(t, 2, cols, seed=type_id)
+    raw.reshape(2, -1, t.type_size)[..., 3] = 0xFF
+    w = ggml.to_float(type_id, raw, cols).astype(np.float64)
+    assert np.isfinite(w).all()
+    rng = np.random.default_rng(type_id)
+    for r in range(2):
+        q8 = ggml.q8_0(rng.standard_normal(cols).astype(np.float32))
+        b = q8.reshape(-1, Q8_0_BYTES)
+        yd = (b[:, 0:2].copy().view("<f2").astype(np.float64) * b[:, 2:].view(np.int8)).reshape(-1)
+        terms = w[r] * yd
+        got = ggml.vec_dot(type_id, raw[r], q8, cols)
+        assert abs(got - terms.sum()) <= VEC_DOT_RTOL * np.abs(terms).sum() + 1e-30
+
+
+# ---- through a ggml graph on the CPU backend (mul_mat threads + src1 -> Q8_0, get_rows) ----
+class InitParams(C.Structure):       # struct ggml_init_params
+    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
+
+
+def _graph_api(g: Ggml):
+    b, cpu = g.base, g.cpu
+    b.ggml_init.restype = C.c_void_p
+    b.ggml_init.argtypes = [InitParams]
+    b.ggml_free.argtypes = [C.c_void_p]
+    b.ggml_new_tensor_2d.restype = C.c_void_p
+    b.ggml_new_tensor_2d.argtypes = [C.c_void_p, C.c_int, C.c_int64, C.c_int64]
+    b.ggml_new_tensor_1d.restype = C.c_void_p
+    b.ggml_new_tensor_1d.argtypes = [C.c_void_p, C.c_int, C.c_int64]
+    b.ggml_get_data.restype = C.c_void_p
+    b.ggml_get_data.argtypes = [C.c_void_p]
+    b.ggml_mul_mat.restype = C.c_void_p
+    b.ggml_mul_mat.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
+    b.ggml_get_rows.restype = C.c_void_p
+    b.ggml_get_rows.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
+    b.ggml_new_graph.restype = C.c_void_p
+    b.ggml_new_graph.argtypes = [C.c_void_p]
+    b.ggml_build_forward_expand.argtypes = [C.c_void_p, C.c_void_p]
+    cpu.ggml_graph_compute_with_ctx.restype = C.c_int
+    cpu.ggml_graph_compute_with_ctx.argtypes = [C.c_void_p, C.c_void_p, C.c_int]
+    return b, cpu
+
+
+def _put(b, t, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    C.memmove(b.ggml_get_data(t), arr.ctypes.data, arr.nbytes)
+
+
+def _get(b, t, shape, dtype=np.float32) -> np.ndarray:
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(C.string_at(b.ggml_get_data(t), n), dtype=dtype).reshape(shape).copy()
+
+
+@pytest.mark.parametrize("type_id", [100, 102, 105, 108])
+def test_graph_mul_mat_and_get_rows(ggml, type_id):
+    t = get_type(type_id)
+    K, M, N = 576, 40, 7
+    rng = np.random.default_rng(type_id)
+    w = (rng.standard_normal((M, K)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((N, K)).astype(np.float32)
+    raw = t.quantize_ref(w)
+    b, cpu = _graph_api(ggml)
+    ctx = b.ggml_init(InitParams(64 << 20, None, False))
+    assert ctx
+    try:
+        A = b.ggml_new_tensor_2d(ctx, type_id, K, M)
+        B = b.ggml_new_tensor_2d(ctx, 0, K, N)              # GGML_TYPE_F32
+        idx = b.ggml_new_tensor_1d(ctx, 26, 5)              # GGML_TYPE_I32
+        _put(b, A, raw)
+        _put(b, B, x)
+        rows = np.array([0, 39, 7, 7, 20], dtype=np.int32)
+        _put(b, idx, rows)
+        Y = b.ggml_mul_mat(ctx, A, B)                       # [N, M]
+        R = b.ggml_get_rows(ctx, A, idx)                    # [5, K] f32
+        gf = b.ggml_new_graph(ctx)
+        b.ggml_build_forward_expand(gf, Y)
+        b.ggml_build_forward_expand(gf, R)
+        assert cpu.ggml_graph_compute_with_ctx(ctx, gf, 2) == 0
+        y = _get(b, Y, (N, M)).astype(np.float64)
+        r = _get(b, R, (5, K))
+    finally:
+        b.ggml_free(ctx)
+
+    wd = t.dequantize(raw)
+    _bits_equal(r, wd[rows])
+    xq = np.stack([ggml.q8_0(x[n]) for n in range(N)]).reshape(N, -1, Q8_0_BYTES)
+    xd = (xq[..., 0:2].copy().view("<f2").astype(np.float64) * xq[..., 2:].view(np.int8)).reshape(N, K)
+    terms_abs = np.abs(xd) @ np.abs(wd.astype(np.float64)).T
+    ref = xd @ wd.astype(np.float64).T
+    assert (np.abs(y - ref) <= VEC_DOT_RTOL * terms_abs + 1e-30).all()

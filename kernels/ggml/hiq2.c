@@ -1,0 +1,224 @@
+// HIQ2 tensor type family: ggml-base part (reference quantizer, dequantizer,
+// row validation). See docs/FORMAT.md; hiq2gguf/formats.py is the reference
+// these functions are tested against bit for bit (tests/test_c_kernels.py).
+//
+// Compile with -ffp-contract=off (patch.py sets it for this file). In addition
+// every float step below is a separate statement with a single rounding, and
+// no expression has the a*b+c shape that could be contracted into an FMA.
+
+#include "hiq2.h"
+
+#include <assert.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+#define HIQ2_CHECK_ID(H) _Static_assert(GGML_TYPE_HIQ2_H##H == HIQ2_FIRST_TYPE + (H), "HIQ2 type ids must be 100+H");
+HIQ2_FOREACH(HIQ2_CHECK_ID)
+#undef HIQ2_CHECK_ID
+_Static_assert(GGML_TYPE_COUNT > HIQ2_FIRST_TYPE + HIQ2_NTYPES - 1, "GGML_TYPE_COUNT too small for HIQ2");
+_Static_assert(sizeof(block_hiq2_max) == HIQ2_TYPE_SIZE(HIQ2_NGROUPS), "block_hiq2_max layout");
+
+static inline float hiq2_clampf(float v, float lo, float hi) {
+    if (!(v >= lo)) { return lo; }   // also maps NaN to lo
+    if (v > hi) { return hi; }
+    return v;
+}
+
+// Reference quantizer for one block of 64 floats (FORMAT.md / formats.py):
+//   t = x / d + m   (m = z / 16, d the fp16 scale as float32)
+static void hiq2_quantize_block_ref(const int H, const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT blk) {
+    // 1. group scores and the H highest (ties: lower index first)
+    float score[HIQ2_NGROUPS];
+    for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+        float s = fabsf(x[g * HIQ2_GROUP]);
+        for (int j = 1; j < HIQ2_GROUP; ++j) {
+            const float a = fabsf(x[g * HIQ2_GROUP + j]);
+            if (a > s) { s = a; }
+        }
+        score[g] = s;
+    }
+    unsigned mask = 0;
+    for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+        int rank = 0;
+        for (int h = 0; h < HIQ2_NGROUPS; ++h) {
+            if (score[h] > score[g] || (score[h] == score[g] && h < g)) {
+                rank++;
+            }
+        }
+        if (rank < H) {
+            mask |= 1u << g;
+        }
+    }
+
+    // 2. scale
+    float xmin = x[0];
+    float xmax = x[0];
+    for (int i = 1; i < QK_HIQ2; ++i) {
+        if (x[i] < xmin) { xmin = x[i]; }
+        if (x[i] > xmax) { xmax = x[i]; }
+    }
+    const float lo = xmin < 0.0f ? xmin : 0.0f;
+    const float hi = xmax > 0.0f ? xmax : 0.0f;
+    const float range = hi - lo;
+    const float dr = range / 15.0f;
+    const uint16_t dh = ggml_hiq2_fp32_to_fp16(dr);
+    const float d = ggml_hiq2_fp16_to_fp32(dh);
+
+    uint8_t codes[QK_HIQ2];
+    uint8_t z = 0;
+    if (d == 0.0f) {
+        memset(codes, 0, sizeof(codes));
+    } else {
+        // 3. zero point
+        const float nlo = -lo;
+        const float a0  = nlo / d;
+        const float a1  = a0 * 16.0f;
+        const float a2  = a1 + 0.5f;
+        const float zf  = hiq2_clampf(floorf(a2), 0.0f, 255.0f);
+        z = (uint8_t) zf;
+        const float m = (float) z / 16.0f;
+
+        // 4. codes
+        for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+            const int high = (mask >> g) & 1u;
+            for (int j = 0; j < HIQ2_GROUP; ++j) {
+                const int i = g * HIQ2_GROUP + j;
+                const float q = x[i] / d;
+                const float t = q + m;
+                if (high) {
+                    const float u = t + 0.5f;
+                    codes[i] = (uint8_t) hiq2_clampf(floorf(u), 0.0f, 15.0f);
+                } else {
+                    const float u = t + 2.5f;
+                    const float v = u / 5.0f;
+                    codes[i] = (uint8_t) hiq2_clampf(floorf(v), 0.0f, 3.0f);
+                }
+            }
+        }
+    }
+
+    // pack
+    memset(blk, 0, HIQ2_TYPE_SIZE(H));
+    blk[0] = (uint8_t)(dh & 0xff);
+    blk[1] = (uint8_t)(dh >> 8);
+    blk[2] = z;
+    blk[3] = (uint8_t) mask;
+    uint8_t * ql = blk + HIQ2_HEADER_BYTES;
+    uint8_t * qh = blk + HIQ2_HEADER_BYTES + HIQ2_QL_BYTES;
+    for (int i = 0; i < QK_HIQ2; ++i) {
+        ql[i % HIQ2_QL_BYTES] |= (uint8_t)((codes[i] & 3) << (2 * (i / HIQ2_QL_BYTES)));
+    }
+    int k = 0;
+    for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+        if (!((mask >> g) & 1u)) {
+            continue;
+        }
+        for (int j = 0; j < HIQ2_GROUP; ++j) {
+            qh[2 * k + j / 4] |= (uint8_t)(((codes[g * HIQ2_GROUP + j] >> 2) & 3) << (2 * (j % 4)));
+        }
+        k++;
+    }
+}
+
+void ggml_hiq2_quantize_row_ref(int H, const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_HIQ2 == 0);
+    assert(H >= 0 && H <= HIQ2_NGROUPS);
+    const int64_t nb = k / QK_HIQ2;
+    uint8_t * out = (uint8_t *) y;
+    for (int64_t ib = 0; ib < nb; ++ib) {
+        hiq2_quantize_block_ref(H, x + ib * QK_HIQ2, out + ib * HIQ2_TYPE_SIZE(H));
+    }
+}
+
+void ggml_hiq2_dequantize_row(int H, const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_HIQ2 == 0);
+    const int64_t nb = k / QK_HIQ2;
+    const uint8_t * in = (const uint8_t *) x;
+    int16_t q[QK_HIQ2];
+    for (int64_t ib = 0; ib < nb; ++ib) {
+        const float d = ggml_hiq2_decode_block(H, in + ib * HIQ2_TYPE_SIZE(H), q);
+        float * out = y + ib * QK_HIQ2;
+        for (int i = 0; i < QK_HIQ2; ++i) {
+            const float p = d * (float) q[i];   // exact: 11-bit d times 9-bit integer
+            out[i] = p / 16.0f;                 // exact
+        }
+    }
+}
+
+size_t ggml_hiq2_quantize(int H, const float * GGML_RESTRICT src, void * GGML_RESTRICT dst,
+                          int64_t nrows, int64_t n_per_row, const float * imatrix) {
+    // The converter does its own importance-aware quantization (Fisher-guided
+    // groups, searched scales) and only ever packs codes; inside ggml the
+    // importance weights are not used and the reference algorithm applies.
+    (void) imatrix;
+    const size_t row_size = (size_t)(n_per_row / QK_HIQ2) * HIQ2_TYPE_SIZE(H);
+    for (int64_t r = 0; r < nrows; ++r) {
+        ggml_hiq2_quantize_row_ref(H, src + r * n_per_row, (uint8_t *) dst + r * row_size, n_per_row);
+    }
+    return (size_t) nrows * row_size;
+}
+
+static inline int hiq2_popcount8(unsigned v) {
+    int n = 0;
+    for (int b = 0; b < 8; ++b) { n += (v >> b) & 1u; }
+    return n;
+}
+
+bool ggml_hiq2_validate_row_data(int H, const void * data, size_t nbytes) {
+    const size_t ts = HIQ2_TYPE_SIZE(H);
+    if (H < 0 || H > HIQ2_NGROUPS || nbytes % ts != 0) {
+        fprintf(stderr, "%s: invalid size %zu for type hiq2_h%d (type size = %zu)\n", __func__, nbytes, H, ts);
+        return false;
+    }
+    const size_t nb = nbytes / ts;
+    const uint8_t * p = (const uint8_t *) data;
+    for (size_t i = 0; i < nb; ++i) {
+        const uint8_t * blk = p + i * ts;
+        const uint16_t dh = ggml_hiq2_read_u16(blk);
+        if ((dh & 0x7c00u) == 0x7c00u) {
+            fprintf(stderr, "%s: hiq2_h%d: non-finite scale d (0x%04x) at block %zu\n", __func__, H, dh, i);
+            return false;
+        }
+        if ((dh & 0x8000u) && (dh & 0x7fffu)) {
+            fprintf(stderr, "%s: hiq2_h%d: negative scale d (0x%04x) at block %zu\n", __func__, H, dh, i);
+            return false;
+        }
+        const int pc = hiq2_popcount8(blk[3]);
+        if (pc != H) {
+            fprintf(stderr, "%s: hiq2_h%d: mask 0x%02x has %d bits set, expected %d, at block %zu\n",
+                    __func__, H, blk[3], pc, H, i);
+            return false;
+        }
+    }
+    return true;
+}
+
+// ---- per-type wrappers and the function table ---------------------------------
+#define HIQ2_DEFINE_FNS(H) \
+    void dequantize_row_hiq2_h##H(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \
+        ggml_hiq2_dequantize_row(H, x, y, k); \
+    } \
+    void quantize_row_hiq2_h##H##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
+        ggml_hiq2_quantize_row_ref(H, x, y, k); \
+    } \
+    size_t quantize_hiq2_h##H(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix) { \
+        return ggml_hiq2_quantize(H, src, dst, nrows, n_per_row, imatrix); \
+    } \
+    bool validate_row_data_hiq2_h##H(const void * data, size_t nbytes) { \
+        return ggml_hiq2_validate_row_data(H, data, nbytes); \
+    }
+HIQ2_FOREACH(HIQ2_DEFINE_FNS)
+#undef HIQ2_DEFINE_FNS
+
+#define HIQ2_TABLE_ROW(H) \
+    { GGML_TYPE_HIQ2_H##H, H, HIQ2_TYPE_SIZE(H), "hiq2_h" #H, \
+      dequantize_row_hiq2_h##H, quantize_row_hiq2_h##H##_ref, quantize_hiq2_h##H, validate_row_data_hiq2_h##H },
+const struct ggml_hiq2_type_fns ggml_hiq2_types[HIQ2_NTYPES] = {
+    HIQ2_FOREACH(HIQ2_TABLE_ROW)
+};
+#undef HIQ2_TABLE_ROW

@@ -1,0 +1,212 @@
+// HIQ2 tensor type family for ggml (hiq2gguf). See docs/FORMAT.md.
+//
+// One generic implementation parameterised by H (number of 4-bit "high"
+// channel groups per 64-weight block); every family member is one row of
+// HIQ2_FOREACH below and one row of the function table in hiq2.c.
+//
+// This header is copied into ggml/src/ by kernels/ggml/patch.py and included
+// by ggml.c, ggml-quants.c, ggml-cpu/ggml-cpu.c, ggml-cpu/ops.cpp.
+#pragma once
+
+#include "ggml.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QK_HIQ2           64                        // weights per block
+#define HIQ2_GROUP        8                         // weights per channel group
+#define HIQ2_NGROUPS      (QK_HIQ2 / HIQ2_GROUP)    // 8 groups per block
+#define HIQ2_QL_BYTES     (QK_HIQ2 / 4)             // 16 bytes of low 2-bit planes
+#define HIQ2_HEADER_BYTES 4                         // fp16 d, u8 z, u8 mask
+#define HIQ2_TYPE_SIZE(H) (HIQ2_HEADER_BYTES + HIQ2_QL_BYTES + 2 * (H))
+#define HIQ2_FIRST_TYPE   100                       // ggml type id of HIQ2_H0
+#define HIQ2_NTYPES       9                         // H = 0..8
+
+// The family: X(H) for every member. Adding/removing a member = edit this list
+// (and patch.py's list of enum ids, which is generated from the same range).
+#define HIQ2_FOREACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
+
+// Generic block layout; the per-H block is a prefix of this struct
+// (qh holds 2H meaningful bytes). Byte offsets: d 0, z 2, mask 3, ql 4, qh 20.
+typedef struct {
+    uint16_t d;                      // fp16 scale bits, d >= 0, finite
+    uint8_t  z;                      // zero point in units of d/16
+    uint8_t  mask;                   // bit g => group g is high; popcount == H
+    uint8_t  ql[HIQ2_QL_BYTES];      // low 2 bits of every code
+    uint8_t  qh[2 * HIQ2_NGROUPS];   // upper 2 bits of the codes of high groups
+} block_hiq2_max;
+
+// Blocks are addressed by type_size = HIQ2_TYPE_SIZE(H) (no padding), never
+// by sizeof(block_hiq2_max).
+
+// ---- shared inline helpers (valid C and C++) ----------------------------------
+// fp16 bits -> float32, exact (incl. subnormals, inf, nan).
+static inline float ggml_hiq2_fp16_to_fp32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t e    = (h >> 10) & 0x1fu;
+    const uint32_t m    = h & 0x3ffu;
+    union { uint32_t u; float f; } v;
+    if (e == 0) {
+        // subnormal or zero: m * 2^-24, exact in float32
+        const float f = (float) m * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    if (e == 31) {
+        v.u = sign | 0x7f800000u | (m << 13);
+    } else {
+        v.u = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    return v.f;
+}
+
+// float32 -> fp16 bits, round to nearest even, overflow -> inf (as numpy's astype(float16)).
+static inline uint16_t ggml_hiq2_fp32_to_fp16(float f) {
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    const uint32_t sign = (v.u >> 16) & 0x8000u;
+    const uint32_t x    = v.u & 0x7fffffffu;
+    if (x >= 0x7f800000u) {                      // inf / nan
+        return (uint16_t)(sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u));
+    }
+    if (x >= 0x477ff000u) {                      // >= 65520 rounds to inf
+        return (uint16_t)(sign | 0x7c00u);
+    }
+    if (x >= 0x38800000u) {                      // normal half
+        uint32_t h = (((x >> 23) - 112u) << 10) | ((x & 0x7fffffu) >> 13);
+        const uint32_t rem = x & 0x1fffu;
+        if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) {
+            h += 1u;                             // carry into the exponent is correct
+        }
+        return (uint16_t)(sign | h);
+    }
+    // subnormal half (or zero): round m * 2^(E-150) to a multiple of 2^-24
+    const uint32_t E = x >> 23;
+    if (E == 0) {
+        return (uint16_t) sign;                  // float32 subnormal: far below 2^-25
+    }
+    const uint32_t shift = 126u - E;             // >= 14
+    if (shift > 24u) {
+        return (uint16_t) sign;                  // < 2^-25 (== 2^-25 ties to even 0)
+    }
+    const uint32_t m    = (x & 0x7fffffu) | 0x800000u;
+    uint32_t       h    = m >> shift;
+    const uint32_t rem  = m & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (h & 1u))) {
+        h += 1u;
+    }
+    return (uint16_t)(sign | h);
+}
+
+static inline uint16_t ggml_hiq2_read_u16(const uint8_t * p) {
+    return (uint16_t)(p[0] | ((uint16_t) p[1] << 8));
+}
+
+// Decode one block (H high groups) into q[i] = 16 L_i - z (in -255..240).
+// Returns the block scale d. A mask with more than H bits set (invalid data)
+// never reads past the block: groups beyond the H-th set bit decode as low.
+static inline float ggml_hiq2_decode_block(int H, const uint8_t * blk, int16_t * q) {
+    const float    d    = ggml_hiq2_fp16_to_fp32(ggml_hiq2_read_u16(blk));
+    const int      z    = blk[2];
+    const unsigned mask = blk[3];
+    const uint8_t * ql  = blk + HIQ2_HEADER_BYTES;
+    const uint8_t * qh  = blk + HIQ2_HEADER_BYTES + HIQ2_QL_BYTES;
+    int k = 0;
+    for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+        const int high = ((mask >> g) & 1u) && k < H;
+        for (int j = 0; j < HIQ2_GROUP; ++j) {
+            const int i = g * HIQ2_GROUP + j;
+            int c = (ql[i % HIQ2_QL_BYTES] >> (2 * (i / HIQ2_QL_BYTES))) & 3;
+            int L;
+            if (high) {
+                c |= ((qh[2 * k + j / 4] >> (2 * (j % 4))) & 3) << 2;
+                L = c;
+            } else {
+                L = 5 * c;
+            }
+            q[i] = (int16_t)(16 * L - z);
+        }
+        k += high;
+    }
+    return d;
+}
+
+// ---- per-type entry points (ggml signatures) ---------------------------------
+#define HIQ2_DECLARE_FNS(H) \
+    GGML_API void   dequantize_row_hiq2_h##H(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k); \
+    GGML_API void   quantize_row_hiq2_h##H##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
+    GGML_API size_t quantize_hiq2_h##H(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix); \
+    GGML_API bool   validate_row_data_hiq2_h##H(const void * data, size_t nbytes);
+HIQ2_FOREACH(HIQ2_DECLARE_FNS)
+#undef HIQ2_DECLARE_FNS
+
+// ---- generic entry points (H given at run time) ------------------------------
+GGML_API void   ggml_hiq2_dequantize_row(int H, const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
+GGML_API void   ggml_hiq2_quantize_row_ref(int H, const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
+GGML_API bool   ggml_hiq2_validate_row_data(int H, const void * data, size_t nbytes);
+GGML_API size_t ggml_hiq2_quantize(int H, const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+
+// type id -> H, or -1 when the type is not an HIQ2 type
+static inline int ggml_hiq2_n_high(enum ggml_type type) {
+    const int t = (int) type - HIQ2_FIRST_TYPE;
+    return (t >= 0 && t < HIQ2_NTYPES) ? t : -1;
+}
+static inline bool ggml_is_hiq2_type(enum ggml_type type) { return ggml_hiq2_n_high(type) >= 0; }
+
+// ---- CPU backend entry points (defined in ggml-cpu/hiq2-cpu.c) -------------
+#define HIQ2_DECLARE_CPU_FNS(H) \
+    void quantize_row_hiq2_h##H(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
+    void ggml_vec_dot_hiq2_h##H##_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+HIQ2_FOREACH(HIQ2_DECLARE_CPU_FNS)
+#undef HIQ2_DECLARE_CPU_FNS
+// generic: x has n/64 HIQ2_H<H> blocks, y has n/32 Q8_0 blocks
+void ggml_vec_dot_hiq2_q8_0(int H, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy);
+
+// One row of function pointers per family member (defined in hiq2.c).
+struct ggml_hiq2_type_fns {
+    enum ggml_type type;
+    int            n_high;
+    size_t         type_size;
+    const char   * name;
+    void   (*to_float)(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
+    void   (*from_float_ref)(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
+    size_t (*quantize)(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+    bool   (*validate)(const void * data, size_t nbytes);
+};
+GGML_API const struct ggml_hiq2_type_fns ggml_hiq2_types[HIQ2_NTYPES];
+
+// ---- rows/cases spliced into ggml by patch.py --------------------------------
+// ggml.c: type_traits[] rows
+#define GGML_HIQ2_TYPE_TRAITS_ROW(H) \
+    [GGML_TYPE_HIQ2_H##H] = { \
+        .type_name      = "hiq2_h" #H, \
+        .blck_size      = QK_HIQ2, \
+        .type_size      = HIQ2_TYPE_SIZE(H), \
+        .is_quantized   = true, \
+        .to_float       = (ggml_to_float_t) dequantize_row_hiq2_h##H, \
+        .from_float_ref = (ggml_from_float_t) quantize_row_hiq2_h##H##_ref, \
+    },
+#define GGML_HIQ2_TYPE_TRAITS_ROWS HIQ2_FOREACH(GGML_HIQ2_TYPE_TRAITS_ROW)
+
+// ggml-cpu/ggml-cpu.c: type_traits_cpu[] rows
+#define GGML_HIQ2_TYPE_TRAITS_CPU_ROW(H) \
+    [GGML_TYPE_HIQ2_H##H] = { \
+        .from_float   = quantize_row_hiq2_h##H, \
+        .vec_dot      = ggml_vec_dot_hiq2_h##H##_q8_0, \
+        .vec_dot_type = GGML_TYPE_Q8_0, \
+        .nrows        = 1, \
+    },
+#define GGML_HIQ2_TYPE_TRAITS_CPU_ROWS HIQ2_FOREACH(GGML_HIQ2_TYPE_TRAITS_CPU_ROW)
+
+// switch cases (ggml-cpu/ops.cpp, ggml.c, ggml-quants.c)
+#define GGML_HIQ2_CASE(H) case GGML_TYPE_HIQ2_H##H:
+#define GGML_HIQ2_CASES HIQ2_FOREACH(GGML_HIQ2_CASE)
+
+#ifdef __cplusplus
+}
+#endif
