@@ -173,8 +173,25 @@ def configure_python() -> Path:
         if cur != str(d):
             raise RuntimeError("llama_cpp was imported before configure_python(); it may have loaded "
                                "an unpatched libllama. Call hiq2gguf.runtime.configure_python() first.")
+    check_patched(d)
     os.environ["LLAMA_CPP_LIB_PATH"] = str(d)
     return d
+
+
+def check_patched(d: Path) -> None:
+    """A stock ggml knows no type id >= 43 and would refuse our files with
+    "invalid ggml type": make sure the library in ``d`` carries our kernels."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(str(d / "libggml-base.so"))
+        patched = hasattr(lib, "dequantize_row_hiq2_h0")
+    except OSError:
+        patched = False
+    if not patched:
+        raise RuntimeMissing(message=f"the llama.cpp libraries in {d} are not patched with the HIQ2 types "
+                                     "(a stock llama.cpp reports 'invalid ggml type' for our files); "
+                                     "run `hiq2gguf runtime build`")
 
 
 # ---- build -----------------------------------------------------------------------

@@ -1,42 +1,15 @@
 """Conversion pipeline on a tiny random llama: what the file stores is what PyTorch computes."""
 
 import numpy as np
-import pytest
-import torch
 
 from converters import converter_for
 from hiq2gguf import model_io
 from hiq2gguf.calibrate import collect_fisher, linear_weights
 from hiq2gguf.convert import quantize_model
-from hiq2gguf.formats import get_type, is_hiq2
+from hiq2gguf.formats import get_type
 from hiq2gguf.gguf_io import open_reader
+from hiq2gguf.reader import dequantized_state
 from hiq2gguf.writer import write_gguf
-
-
-def gguf_weights(path, converter, model) -> dict[str, np.ndarray]:
-    """Dequantize every tensor of the file back into HF names and row order."""
-    import gguf
-
-    reader = open_reader(path)
-    by_name = {t.name: t for t in reader.tensors}
-    out = {}
-    for hf_name, p in model.state_dict().items():
-        if converter.skip(hf_name):
-            continue
-        t = by_name[converter.gguf_name(hf_name)]
-        rows = p.shape[0]
-        raw = np.asarray(t.data)
-        if is_hiq2(t.tensor_type):
-            w = get_type(int(t.tensor_type)).dequantize(raw.reshape(rows, -1))
-        else:
-            w = gguf.quants.dequantize(raw, t.tensor_type).reshape(p.shape)
-        perm = converter.row_permutation(hf_name)
-        if perm is not None:
-            inv = np.empty_like(perm)
-            inv[perm] = np.arange(len(perm))
-            w = w[inv]
-        out[hf_name] = w.astype(np.float32)
-    return out
 
 
 def test_file_equals_fake_quant_bit_for_bit(tiny_llama_dir, smollm_tokenizer, tmp_path):
@@ -52,7 +25,7 @@ def test_file_equals_fake_quant_bit_for_bit(tiny_llama_dir, smollm_tokenizer, tm
     packed, stock = quantize_model(model, conv, plan, fisher, progress=False)
     out = tmp_path / "tiny.gguf"
     write_gguf(out, conv, model, source, tok, packed, stock, {})
-    stored = gguf_weights(out, conv, model)
+    stored = dequantized_state(out, conv, {n: tuple(p.shape) for n, p in model.state_dict().items()})
     for name, p in model.state_dict().items():
         if name in stored:
             a = p.detach().numpy().astype(np.float32)
