@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEMO_BPW ?= 3.5
+DEMO_BPW ?= 4.0
 OUT    ?= out
 
 .PHONY: demo test runtime install

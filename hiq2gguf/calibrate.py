@@ -38,18 +38,35 @@ class FisherCollector:
         return {n: s / max(self.n_samples, 1) for n, s in self.sums.items()}
 
 
-def collect_fisher(model, params, windows: list[list[int]], progress: bool = True) -> dict[str, torch.Tensor]:
+def collect_fisher(model, params, windows: list[list[int]], progress: bool = True,
+                   hessians: bool = False):
+    """Fisher diagonal of every weight in ``params`` over the calibration windows; with
+    ``hessians``, also each linear layer's input Hessian (GPTQ), from the same passes.
+    Returns the Fisher dict, or (Fisher, Hessians) with ``hessians``."""
+    from hiq2gguf.gptq import GPTQ
+
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     tracked = {id(p) for p in params.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in tracked)
     collector = FisherCollector(model, params)
+    gptq: dict[str, GPTQ] = {}
+    hooks = []
+    if hessians:
+        modules = dict(model.named_modules())
+        for name in params:
+            mod = modules[name.rsplit(".", 1)[0]]
+            gptq[name] = GPTQ(mod.weight.shape[1])
+            hooks.append(mod.register_forward_hook(
+                lambda m, inp, out, g=gptq[name]: g.add_batch(inp[0])))
     try:
-        bar = tqdm(windows, desc="fisher", unit="seq", disable=not progress)
+        bar = tqdm(windows, desc="calibrate", unit="seq", disable=not progress)
         for w in bar:
             loss = collector.add_batch(torch.tensor([w]))
             bar.set_postfix(loss=f"{loss:.3f}")
     finally:
+        for h in hooks:
+            h.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
-    return collector.fisher()
+    return (collector.fisher(), gptq) if hessians else collector.fisher()

@@ -10,7 +10,7 @@ import sys
 def _convert(a) -> int:
     from hiq2gguf.convert import ConvertConfig, convert
 
-    cfg = ConvertConfig(bpw=a.bpw, calib_windows=a.calib_windows, eval_text=a.eval_text,
+    cfg = ConvertConfig(bpw=a.bpw, method=a.method, calib_windows=a.calib_windows, eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
                         progress=not a.quiet)
     report = convert(cfg, a.output, a.model, a.report)
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bpw", type=float, required=True,
                    help="budget in bits per quantized linear weight (never exceeded)")
     c.add_argument("--report", help="write a JSON report here")
+    c.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+                   help="quantizer on the HIQ2 grid (default gptq)")
     c.add_argument("--calib-windows", type=int, default=16, help="512-token calibration sequences")
     c.add_argument("--eval-text", default="boolq", help="boolq | lambada | FILE")
     c.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -34,6 +35,7 @@ class ConvertConfig:
     eval_text: str = "boolq"
     eval_windows: int = evaluate.DEFAULT_WINDOWS
     eval_ctx: int = evaluate.DEFAULT_CTX
+    method: str = "gptq"                      # rtn | gptq (both on the exact HIQ2 grid)
     evaluate: bool = True                     # measure ppl: reference, torch, llama.cpp
     threads: int = 2
     progress: bool = True
@@ -105,14 +107,23 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
                                cfg.calib_windows, bos)
     from hiq2gguf.calibrate import collect_fisher, linear_weights
     params = linear_weights(model, converter.is_linear)
-    fisher = collect_fisher(model, params, calib, cfg.progress)
+    if cfg.method == "gptq":
+        fisher, hessians = collect_fisher(model, params, calib, cfg.progress, hessians=True)
+
+        def quantize_fn(name, w, n_high):
+            return hessians.pop(name).quantize(w, n_high, fisher[name])
+    else:
+        fisher = collect_fisher(model, params, calib, cfg.progress)
+
+        def quantize_fn(name, w, n_high):
+            return quantize_rtn(w, n_high, fisher[name])
     report["calibration"] = {"text": "boolq/calibration", "windows": len(calib),
                              "ctx": cfg.calib_ctx, "seconds": round(time.time() - t0, 1)}
 
     # 2. quantize (codes -> packed bytes; the torch model gets the exact dequantized weights)
     t0 = time.time()
-    packed, stock = quantize_model(model, converter, {n: qtype for n in params}, fisher, cfg.progress)
-    del fisher
+    packed, stock = quantize_model(model, converter, {n: qtype for n in params}, quantize_fn, cfg.progress)
+    report["method"] = cfg.method
     report["quantize_seconds"] = round(time.time() - t0, 1)
 
     # 3. write
@@ -142,16 +153,17 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     return report
 
 
-def quantize_model(model, converter, plan: dict[str, HIQ2Type], importance: dict[str, torch.Tensor] | None,
+def quantize_model(model, converter, plan: dict[str, HIQ2Type], quantize_fn: Callable | None = None,
                    progress: bool = True) -> tuple[dict[str, PackedTensor], dict[str, object]]:
-    """Quantize in place: every linear weight in ``plan`` becomes its HIQ2 codes (returned
+    """Quantize in place: every linear weight in ``plan`` becomes its HIQ2 codes (made by
+    ``quantize_fn(name, weight, n_high)``, plain RTN by default; returned
     packed) and, in the torch model, exactly their dequantized values; embeddings (and an
     untied head) likewise go through the stock embedding type."""
     params = dict(model.named_parameters())
     packed: dict[str, PackedTensor] = {}
     for name in tqdm(list(plan), desc="quantize", unit="layer", disable=not progress):
         p, qtype = params[name], plan[name]
-        codes = quantize_rtn(p.data, qtype.n_high, None if importance is None else importance[name])
+        codes = (quantize_fn or _plain_rtn)(name, p.data, qtype.n_high)
         packed[name] = PackedTensor(qtype=qtype, raw=qtype.pack(codes), shape=tuple(p.shape))
         with torch.no_grad():
             p.data.copy_(dequantize_torch(codes))
@@ -163,6 +175,10 @@ def quantize_model(model, converter, plan: dict[str, HIQ2Type], importance: dict
             with torch.no_grad():
                 p.data.copy_(torch.from_numpy(deq))
     return packed, stock
+
+
+def _plain_rtn(name, w, n_high):
+    return quantize_rtn(w, n_high)
 
 
 def size_report(path: Path, packed: dict[str, PackedTensor]) -> dict:

@@ -33,25 +33,30 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(rows, cols // BLOCK, BLOCK)
 
 
-def grid_round(wb: torch.Tensor, high: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """Round blocks to the grid spanning [lo, hi] (per block) -> (d fp16, z, levels, w_hat).
-
-    ``high`` is a bool [..., 64] marking weights of high groups. Follows the
-    reference quantizer's arithmetic (FORMAT.md), vectorised.
-    """
+def grid_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale d (fp16) and zero point z (float, 0..255) of the grid spanning [lo, hi]."""
     d = ((hi - lo) / 15).to(torch.float16)
     df = d.to(torch.float32)
-    zero = df == 0
-    safe = torch.where(zero, torch.ones_like(df), df)
+    safe = torch.where(df == 0, torch.ones_like(df), df)
     z = torch.clamp(torch.floor(-lo / safe * 16 + 0.5), 0, 255)
-    z = torch.where(zero, torch.zeros_like(z), z)
-    t = wb / safe[..., None] + (z / 16)[..., None]
+    return d, torch.where(df == 0, torch.zeros_like(z), z)
+
+
+def round_to_grid(w: torch.Tensor, high: torch.Tensor, d: torch.Tensor, z: torch.Tensor):
+    """Nearest grid levels of ``w`` [..., n] on the grid (d, z) [...] -> (levels, w_hat).
+
+    ``high`` (bool, broadcastable to ``w``) marks weights of high groups: 16 levels;
+    the others use levels 0, 5, 10, 15. ``w_hat`` is exactly the dequantized value.
+    """
+    df = d.to(torch.float32)[..., None]
+    zf = z[..., None]
+    zero = df == 0
+    t = w / torch.where(zero, torch.ones_like(df), df) + zf / 16
     lv_high = torch.clamp(torch.floor(t + 0.5), 0, 15)
     lv_low = torch.clamp(torch.floor((t + 2.5) / LOW_STEP), 0, 3) * LOW_STEP
     levels = torch.where(high, lv_high, lv_low)
-    levels = torch.where(zero[..., None], torch.zeros_like(levels), levels)
-    w_hat = df[..., None] * (16 * levels - z[..., None]) / 16
-    return d, z, levels, w_hat
+    levels = torch.where(zero, torch.zeros_like(levels), levels)
+    return levels, df * (16 * levels - zf) / 16
 
 
 def choose_mask(wb: torch.Tensor, imp: torch.Tensor, n_high: int) -> torch.Tensor:
@@ -64,13 +69,53 @@ def choose_mask(wb: torch.Tensor, imp: torch.Tensor, n_high: int) -> torch.Tenso
         return torch.ones(shape, dtype=torch.bool)
     lo = torch.clamp(wb.amin(-1), max=0)
     hi = torch.clamp(wb.amax(-1), min=0)
-    all_low = torch.zeros_like(wb, dtype=torch.bool)
-    *_, w_low = grid_round(wb, all_low, lo, hi)
-    *_, w_high = grid_round(wb, ~all_low, lo, hi)
+    d, z = grid_params(lo, hi)
+    _, w_low = round_to_grid(wb, torch.zeros((), dtype=torch.bool), d, z)
+    _, w_high = round_to_grid(wb, torch.ones((), dtype=torch.bool), d, z)
     gain = imp * ((wb - w_low) ** 2 - (wb - w_high) ** 2)
     gain = gain.reshape(shape + (GROUP,)).sum(-1)
     top = torch.topk(gain, n_high, dim=-1).indices
     return torch.zeros(shape, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def floored_importance(importance: torch.Tensor | None, like: torch.Tensor,
+                       cfg: RTNConfig = RTNConfig()) -> torch.Tensor:
+    """Importance per weight, lifted by a small floor so that no weight is ignored."""
+    if importance is None:
+        return torch.ones_like(like, dtype=torch.float32)
+    imp = importance.detach().to(torch.float32)
+    return imp + cfg.importance_floor * imp.mean().clamp_min(1e-30)
+
+
+def search_block_grid(wb: torch.Tensor, n_high: int, imp: torch.Tensor, cfg: RTNConfig = RTNConfig()):
+    """Per block [..., 64]: the high groups and the (d, z) among ``cfg.shrink`` x
+    ``cfg.shrink`` shrinkings of the block range with the smallest importance-weighted
+    squared rounding error -> (high groups bool [..., 8], d fp16 [...], z float [...])."""
+    high_g = choose_mask(wb, imp, n_high)
+    high = high_g.repeat_interleave(GROUP, dim=-1)
+    lo0 = torch.clamp(wb.amin(-1), max=0)
+    hi0 = torch.clamp(wb.amax(-1), min=0)
+    best = None
+    for a in cfg.shrink:
+        for b in cfg.shrink:
+            d, z = grid_params(lo0 * a, hi0 * b)
+            _, w_hat = round_to_grid(wb, high, d, z)
+            err = (imp * (wb - w_hat) ** 2).sum(-1)
+            if best is None:
+                best = [err, d, z]
+                continue
+            better = err < best[0]
+            best[0] = torch.where(better, err, best[0])
+            best[1] = torch.where(better, d, best[1])
+            best[2] = torch.where(better, z, best[2])
+    return high_g, best[1], best[2]
+
+
+def codes_from_tensors(d: torch.Tensor, z: torch.Tensor, high_g: torch.Tensor, levels: torch.Tensor) -> Codes:
+    bits = 1 << torch.arange(N_GROUPS, dtype=torch.int32)
+    mask = (high_g.to(torch.int32) * bits).sum(-1)
+    return Codes(d=d.to(torch.float16).numpy(), z=z.to(torch.uint8).numpy(),
+                 mask=mask.to(torch.uint8).numpy(), levels=levels.to(torch.uint8).numpy())
 
 
 def quantize_rtn(weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
@@ -79,33 +124,10 @@ def quantize_rtn(weight: torch.Tensor, n_high: int, importance: torch.Tensor | N
     block range; the high groups are the ones importance says gain most."""
     w = weight.detach().to(torch.float32)
     wb = _blocks(w)
-    if importance is None:
-        imp = torch.ones_like(wb)
-    else:
-        imp = _blocks(importance.detach().to(torch.float32))
-        imp = imp + cfg.importance_floor * imp.mean().clamp_min(1e-30)
-    high_g = choose_mask(wb, imp, n_high)
-    high = high_g.repeat_interleave(GROUP, dim=-1)
-    lo0 = torch.clamp(wb.amin(-1), max=0)
-    hi0 = torch.clamp(wb.amax(-1), min=0)
-    best = None
-    for a in cfg.shrink:
-        for b in cfg.shrink:
-            d, z, levels, w_hat = grid_round(wb, high, lo0 * a, hi0 * b)
-            err = (imp * (wb - w_hat) ** 2).sum(-1)
-            if best is None:
-                best = [err, d, z, levels]
-                continue
-            better = err < best[0]
-            best[0] = torch.where(better, err, best[0])
-            best[1] = torch.where(better, d, best[1])
-            best[2] = torch.where(better, z, best[2])
-            best[3] = torch.where(better[..., None], levels, best[3])
-    _, d, z, levels = best
-    weights = (1 << torch.arange(N_GROUPS, dtype=torch.int32))
-    mask = (high_g.to(torch.int32) * weights).sum(-1)
-    return Codes(d=d.numpy(), z=z.to(torch.uint8).numpy(), mask=mask.to(torch.uint8).numpy(),
-                 levels=levels.to(torch.uint8).numpy())
+    imp = _blocks(floored_importance(importance, w, cfg))
+    high_g, d, z = search_block_grid(wb, n_high, imp, cfg)
+    levels, _ = round_to_grid(wb, high_g.repeat_interleave(GROUP, dim=-1), d, z)
+    return codes_from_tensors(d, z, high_g, levels)
 
 
 def dequantize_torch(codes: Codes) -> torch.Tensor:

@@ -19,10 +19,13 @@ def test_file_equals_fake_quant_bit_for_bit(tiny_llama_dir, smollm_tokenizer, tm
     params = linear_weights(model, conv.is_linear)
     assert len(params) == 7 * 2
     ids = tok("The quick brown fox jumps over the lazy dog. " * 20, add_special_tokens=False)["input_ids"]
-    fisher = collect_fisher(model, params, [ids[:128], ids[128:256]], progress=False)
+    windows = [ids[:100], ids[100:200]]
+    fisher, hessians = collect_fisher(model, params, windows, progress=False, hessians=True)
     assert all(float(f.sum()) > 0 for f in fisher.values())
+    assert all(h.n == 200 for h in hessians.values())   # every token of both windows
     plan = {n: get_type(100 + i % 9) for i, n in enumerate(params)}   # every member in one file
-    packed, stock = quantize_model(model, conv, plan, fisher, progress=False)
+    packed, stock = quantize_model(
+        model, conv, plan, lambda n, w, h: hessians[n].quantize(w, h, fisher[n]), progress=False)
     out = tmp_path / "tiny.gguf"
     write_gguf(out, conv, model, source, tok, packed, stock, {})
     stored = dequantized_state(out, conv, {n: tuple(p.shape) for n, p in model.state_dict().items()})
