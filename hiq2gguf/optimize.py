@@ -1,0 +1,218 @@
+"""Layer-wise ratio optimization: pick one candidate per layer under a bits budget,
+minimizing the quadratic model of the loss increase  dL ~ 1/2 d^T M d  (method.md s.2).
+
+``d`` stacks one-hot choices, one block of variables per layer. The problem is
+modelled in Pyomo and solved by HiGHS, which has MILP but no MIQP:
+
+- ``linearized``: every nonzero product d_i d_j of two different layers becomes a
+  variable y_ij with the usual bounds (y >= d_i + d_j - 1 where M_ij > 0, y <= d_i,
+  y <= d_j where M_ij < 0): an exact MILP, small when M is block-sparse (the
+  paper's same-block-only M).
+- ``outer``: outer approximation for a positive semi-definite M (the gradient
+  estimator gives a sum of squares): the MILP  min eta  s.t.  eta >= tangent of
+  f(d) = 1/2 d^T M d at each iterate, repeated until the best point found and
+  the MILP's lower bound meet; exact for convex f on binary points.
+Products inside one layer vanish (one-hot), so only cross-layer terms matter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class InfeasibleBudget(ValueError):
+    pass
+
+
+@dataclass
+class RatioProblem:
+    """``bits[l][m]``: exact file bits of layer l at candidate m; M over the flattened
+    (layer, candidate) index, symmetric."""
+
+    bits: list[list[float]]
+    M: np.ndarray
+    budget_bits: float
+
+    def __post_init__(self):
+        self.M = np.asarray(self.M, dtype=np.float64)
+        n = sum(len(b) for b in self.bits)
+        if self.M.shape != (n, n):
+            raise ValueError(f"M must be {n}x{n} for {len(self.bits)} layers, got {self.M.shape}")
+        self.M = (self.M + self.M.T) / 2
+
+    @property
+    def offsets(self) -> list[int]:
+        return list(itertools.accumulate([0] + [len(b) for b in self.bits]))[:-1]
+
+    def index(self, layer: int, cand: int) -> int:
+        return self.offsets[layer] + cand
+
+    def one_hot(self, choice: list[int]) -> np.ndarray:
+        d = np.zeros(self.M.shape[0])
+        for l, m in enumerate(choice):
+            d[self.index(l, m)] = 1
+        return d
+
+    def objective(self, choice: list[int]) -> float:
+        d = self.one_hot(choice)
+        return 0.5 * float(d @ self.M @ d)
+
+    def total_bits(self, choice: list[int]) -> float:
+        return float(sum(self.bits[l][m] for l, m in enumerate(choice)))
+
+    def bits_range(self) -> tuple[float, float]:
+        return (sum(min(b) for b in self.bits), sum(max(b) for b in self.bits))
+
+
+@dataclass
+class Solution:
+    choice: list[int]
+    objective: float          # 1/2 d^T M d at the choice
+    status: str
+    gap: float                # relative gap between the objective and the proven lower bound
+    seconds: float
+    method: str
+    iterations: int = 1
+    bits: float = 0.0
+    log: list[str] = field(default_factory=list)
+
+
+def _base_model(p: RatioProblem):
+    import pyomo.environ as pyo
+
+    m = pyo.ConcreteModel()
+    m.I = pyo.RangeSet(0, p.M.shape[0] - 1)
+    m.d = pyo.Var(m.I, domain=pyo.Binary)
+    m.one = pyo.ConstraintList()
+    for l, b in enumerate(p.bits):
+        m.one.add(sum(m.d[p.index(l, c)] for c in range(len(b))) == 1)
+    flat_bits = [x for b in p.bits for x in b]
+    # budget in bits; scaled to keep coefficients near 1 for the solver
+    scale = max(flat_bits)
+    m.budget = pyo.Constraint(expr=sum(flat_bits[i] / scale * m.d[i] for i in m.I) <= p.budget_bits / scale)
+    return m
+
+
+def _solve_milp(m, time_limit: float):
+    from pyomo.contrib.appsi.solvers import Highs
+
+    solver = Highs()
+    solver.config.time_limit = time_limit
+    solver.config.mip_gap = 1e-9
+    solver.config.load_solution = False
+    res = solver.solve(m)
+    if "infeasible" in res.termination_condition.name.lower():
+        return None, res
+    res.solution_loader.load_vars()
+    return res, res
+
+
+def _choice_from(m, p: RatioProblem) -> list[int]:
+    choice = []
+    for l, b in enumerate(p.bits):
+        vals = [m.d[p.index(l, c)].value for c in range(len(b))]
+        choice.append(int(np.argmax(vals)))
+    return choice
+
+
+def _layer_of(p: RatioProblem) -> np.ndarray:
+    return np.repeat(np.arange(len(p.bits)), [len(b) for b in p.bits])
+
+
+def solve_linearized(p: RatioProblem, time_limit: float = 600) -> Solution:
+    import pyomo.environ as pyo
+
+    t0 = time.time()
+    m = _base_model(p)
+    layer = _layer_of(p)
+    pairs = [(i, j) for i, j in zip(*np.nonzero(np.triu(p.M, 1))) if layer[i] != layer[j]]
+    m.P = pyo.Set(initialize=pairs, dimen=2)
+    m.y = pyo.Var(m.P, bounds=(0, 1))
+    m.lin = pyo.ConstraintList()
+    for i, j in pairs:
+        if p.M[i, j] > 0:
+            m.lin.add(m.y[i, j] >= m.d[i] + m.d[j] - 1)
+        else:
+            m.lin.add(m.y[i, j] <= m.d[i])
+            m.lin.add(m.y[i, j] <= m.d[j])
+    diag = np.diag(p.M)
+    m.obj = pyo.Objective(expr=0.5 * sum(diag[i] * m.d[i] for i in m.I)
+                          + sum(p.M[i, j] * m.y[i, j] for i, j in pairs))
+    res, raw = _solve_milp(m, time_limit)
+    if res is None:
+        _raise_infeasible(p)
+    choice = _choice_from(m, p)
+    obj = p.objective(choice)
+    bound = raw.best_objective_bound
+    gap = _gap(obj, bound)
+    return Solution(choice, obj, raw.termination_condition.name, gap, time.time() - t0, "linearized",
+                    bits=p.total_bits(choice))
+
+
+def solve_outer_approximation(p: RatioProblem, tol: float = 1e-6, max_iter: int = 200,
+                              time_limit: float = 600) -> Solution:
+    """Kelley/outer approximation; needs M positive semi-definite (f convex)."""
+    import pyomo.environ as pyo
+
+    eig = np.linalg.eigvalsh(p.M)
+    if eig[0] < -1e-9 * max(1.0, abs(eig[-1])):
+        raise ValueError("outer approximation needs a positive semi-definite M "
+                         f"(smallest eigenvalue {eig[0]:.3g}); use the linearized MILP")
+    t0 = time.time()
+    m = _base_model(p)
+    m.eta = pyo.Var(bounds=(0, None))
+    m.obj = pyo.Objective(expr=m.eta)
+    m.cuts = pyo.ConstraintList()
+    best, best_obj, lower, log = None, np.inf, -np.inf, []
+    # the first MILP has no cut and returns any feasible choice to linearize at
+    it = 0
+    for it in range(1, max_iter + 1):
+        res, raw = _solve_milp(m, max(1.0, time_limit - (time.time() - t0)))
+        if res is None:
+            _raise_infeasible(p)
+        lower = max(lower, raw.best_objective_bound if it > 1 else 0.0)
+        choice = _choice_from(m, p)
+        f = p.objective(choice)
+        if f < best_obj:
+            best, best_obj = choice, f
+        log.append(f"iter {it}: f={f:.6g} best={best_obj:.6g} lower={lower:.6g}")
+        if best_obj - lower <= tol * max(1.0, abs(best_obj)):
+            break
+        d = p.one_hot(choice)
+        g = p.M @ d                       # gradient of 1/2 d^T M d
+        # tangent: f(d) + g.(x - d) = g.x - 1/2 d^T M d
+        m.cuts.add(m.eta >= sum(float(g[i]) * m.d[i] for i in m.I) - f)
+    status = "optimal" if best_obj - lower <= tol * max(1.0, abs(best_obj)) else "iteration limit"
+    return Solution(best, best_obj, status, _gap(best_obj, lower), time.time() - t0, "outer", it,
+                    bits=p.total_bits(best), log=log)
+
+
+def solve(p: RatioProblem, method: str = "auto", **kw) -> Solution:
+    lo, hi = p.bits_range()
+    if p.budget_bits < lo:
+        _raise_infeasible(p)
+    if method == "auto":
+        layer = _layer_of(p)
+        cross = np.count_nonzero(np.triu(p.M, 1)[layer[:, None] != layer[None, :]])
+        method = "linearized" if cross <= 20000 else "outer"
+    if method == "linearized":
+        return solve_linearized(p, **kw)
+    if method == "outer":
+        return solve_outer_approximation(p, **kw)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _gap(obj: float, bound: float) -> float:
+    if bound is None or not np.isfinite(bound):
+        return float("inf")
+    return max(0.0, obj - bound) / max(abs(obj), 1e-12)
+
+
+def _raise_infeasible(p: RatioProblem):
+    lo, hi = p.bits_range()
+    raise InfeasibleBudget(f"budget of {p.budget_bits:.0f} bits is infeasible: the smallest achievable "
+                           f"is {lo:.0f} bits, the largest {hi:.0f}")
