@@ -278,6 +278,66 @@ def test_vec_dot_q8_0(ggml, type_id, cols):
             assert abs(got - ref) <= tol, f"{name} row {r}: C={got!r} ref={ref!r} tol={tol:g}"
 
 
+def _q8_columns(ggml, cols: int, ncols: int, seed: int):
+    """ncols random activation columns as Q8_0 rows, and their exact float64 values."""
+    rng = np.random.default_rng(seed)
+    q8 = np.stack([ggml.q8_0((rng.standard_normal(cols) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32))
+                   for _ in range(ncols)])
+    blocks = q8.reshape(ncols, -1, Q8_0_BYTES)
+    dy = blocks[..., 0:2].copy().view("<f2").astype(np.float64)
+    qy = blocks[..., 2:].view(np.int8).astype(np.float64)
+    return q8, (dy * qy).reshape(ncols, cols)
+
+
+def _check_products(got: np.ndarray, wd: np.ndarray, yd: np.ndarray, what: str) -> None:
+    ref = wd @ yd.T                                            # [rows, cols] float64
+    tol = VEC_DOT_RTOL * (np.abs(wd) @ np.abs(yd).T) + 1e-30
+    bad = np.argwhere(~(np.abs(got - ref) <= tol))
+    assert bad.size == 0, f"{what}: {len(bad)} products off, first {tuple(bad[0])}: C={got[tuple(bad[0])]!r} ref={ref[tuple(bad[0])]!r}"
+
+
+@pytest.mark.parametrize("cols", [576, 1536])
+@pytest.mark.parametrize("type_id", TYPES)
+def test_vec_dot_2x2_tile(ggml, type_id, cols):
+    """nrc == 2 (ggml's 2 rows x 2 columns call, used when the traits say nrows == 2)."""
+    t = get_type(type_id)
+    raw = _random_raw(t, 2, cols, seed=type_id + 3 * cols)
+    wd = t.dequantize(raw).astype(np.float64)
+    q8, yd = _q8_columns(ggml, cols, 2, seed=cols + type_id)
+    fn = VEC_DOT(ggml.traits_cpu(type_id).vec_dot)
+    bs = 5                                                     # any output column stride
+    s = np.full(bs + 2, np.nan, dtype=np.float32)
+    fn(cols, s.ctypes.data, bs, raw.ctypes.data, raw.strides[0], q8.ctypes.data, q8.strides[0], 2)
+    got = np.array([[s[0], s[bs]], [s[1], s[bs + 1]]], dtype=np.float64)
+    assert np.isnan(s[2:bs]).all(), "wrote outside the 2 x 2 tile"
+    _check_products(got, wd, yd, "2x2 tile")
+
+
+@pytest.mark.parametrize("shape", [(7, 6, 576), (4, 9, 1536), (1, 3, 64)])
+@pytest.mark.parametrize("type_id", TYPES)
+def test_sgemm(ggml, type_id, shape):
+    """ggml_hiq2_sgemm (llamafile_sgemm hook): every thread's static share, odd sizes, strided C."""
+    m, n, cols = shape
+    t = get_type(type_id)
+    fn = ggml.cpu.ggml_hiq2_sgemm
+    fn.restype = C.c_bool
+    fn.argtypes = [C.c_void_p, C.c_int, C.c_int, C.c_int64, C.c_int64, C.c_int64, C.c_void_p, C.c_int64,
+                   C.c_void_p, C.c_int64, C.c_void_p, C.c_int64, C.c_int]
+    raw = _random_raw(t, m, cols, seed=type_id * 11 + cols)
+    wd = t.dequantize(raw).astype(np.float64)
+    q8, yd = _q8_columns(ggml, cols, n, seed=type_id + m)
+    ldc = m + 3
+    for nth in (1, 2, 3):
+        out = np.full((n, ldc), np.nan, dtype=np.float32)
+        for ith in range(nth):
+            done = fn(None, ith, nth, m, n, cols // 64, raw.ctypes.data, raw.strides[0] // t.type_size,
+                      q8.ctypes.data, q8.strides[0] // Q8_0_BYTES, out.ctypes.data, ldc, type_id)
+            if not done:
+                pytest.skip("this build has no HIQ2 GEMM kernel (ggml's vec_dot loop is used)")
+        assert np.isnan(out[:, m:]).all(), "wrote outside C"
+        _check_products(out[:, :m].T.astype(np.float64), wd, yd, f"sgemm nth={nth}")
+
+
 @pytest.mark.parametrize("type_id", TYPES)
 def test_validate_row_data(ggml, type_id):
     t = get_type(type_id)

@@ -1,21 +1,28 @@
-// HIQ2 tensor type family: ggml-cpu part (from_float for the CPU traits and the
-// dot product against Q8_0 activations).
+// HIQ2 tensor type family: ggml-cpu part (from_float for the CPU traits, the
+// dot product against Q8_0 activations, and a GEMM for prompt processing).
 //
 //   sum_i w_i y_i = d/16 * sum_b dy_b * S_b,
 //   S_b = sum_{i in b} (16 L_i - z) q_i = 16 * sum_{i in b} L_i q_i - z * sum_{i in b} q_i
 //
 // with exact integer S_b over the two 32-weight Q8_0 blocks b of each 64-weight
-// HIQ2 block. The AVX2 path accumulates 8 float lanes (a different summation
-// order than the portable path; both are within float32 rounding of the exact sum).
-// Compiled with -ffp-contract=off like hiq2.c.
+// HIQ2 block. Three implementations of this one product, chosen at compile time:
+//   * AVX-512 (BW, VL, VBMI, BITALG, VNNI; HIQ2_AVX512): a register-tiled kernel
+//     (hiq2_mm_avx512) serving vec_dot (1x1 and ggml's 2x2 nrc == 2 tiles) and the
+//     GEMM behind ggml-cpu's llamafile_sgemm hook (3 rows x 4 columns);
+//   * AVX2: one row x one column, 8 float lanes;
+//   * portable scalar code.
+// The vector paths sum in another order than the scalar one; all are within
+// float32 rounding of the exact sum. Compiled with -ffp-contract=off like hiq2.c
+// (the vector paths use explicit FMA intrinsics where they want them).
 
 #include "hiq2.h"
+#include "ggml-cpu-impl.h"   // ggml_barrier, ggml_threadpool_chunk_set/add (GEMM scheduling)
 
 #include <assert.h>
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX2__) || defined(__F16C__) || defined(__BMI2__)
+#if defined(__AVX2__) || defined(__F16C__) || defined(__BMI2__) || HIQ2_AVX512
 #include <immintrin.h>
 #endif
 
@@ -46,17 +53,22 @@ _Static_assert(sizeof(hiq2_block_q8_0) == 34, "block_q8_0 layout");
 static HIQ2_ALWAYS_INLINE unsigned hiq2_upper_fields(const int H, const uint8_t * blk, uint64_t u[2]) {
     const uint8_t * qh = blk + HIQ2_HEADER_BYTES + HIQ2_QL_BYTES;
     const unsigned em = (unsigned) _pdep_u32((1u << H) - 1u, blk[3]);
-    uint64_t qa[2] = {0, 0};
-    memcpy(qa, qh, 2 * (size_t) H);
+    // two direct loads of constant size (H is a constant in every instantiation);
+    // no round trip through a stack buffer, no data-dependent branches
+    uint64_t q0 = 0;
+    uint64_t q1 = 0;
+    memcpy(&q0, qh, H < 4 ? 2 * (size_t) H : 8);
+    if (H > 4) {
+        memcpy(&q1, qh + 8, 2 * (size_t) H - 8);
+    }
     const unsigned m0 = em & 0xFu;
     const unsigned m1 = em >> 4;
     const int k0 = __builtin_popcount(m0);
     const uint64_t lanes0 = _pdep_u64(m0, 0x0001000100010001ull) * 0xFFFFull;
     const uint64_t lanes1 = _pdep_u64(m1, 0x0001000100010001ull) * 0xFFFFull;
-    const uint64_t src1 = k0 == 0 ? qa[0]
-                        : k0 == 4 ? qa[1]
-                        : (qa[0] >> (16 * k0)) | (qa[1] << (64 - 16 * k0));
-    u[0] = _pdep_u64(qa[0], lanes0);
+    // chunks k0.. of qh: the 128-bit (q1:q0) >> 16 k0, k0 in 0..4 (split shifts: never by 64)
+    const uint64_t src1 = ((q0 >> (8 * k0)) >> (8 * k0)) | ((q1 << (32 - 8 * k0)) << (32 - 8 * k0));
+    u[0] = _pdep_u64(q0, lanes0);
     u[1] = _pdep_u64(src1, lanes1);
     return em;
 }
@@ -96,9 +108,129 @@ static HIQ2_ALWAYS_INLINE unsigned hiq2_upper_bytes(const int H, const uint8_t *
 #endif
 }
 
+#if HIQ2_AVX512
+// AVX-512 (BW, VL, VBMI, BITALG, VNNI) kernel: one 64-weight block is one zmm of
+// bytes. A block is decoded once into 16 L_i (u8, <= 240) and reused for every
+// column of a tile (NR rows x NC columns), so decoding, the dominant cost of a
+// 1 x 1 product, is paid once per NC dot products:
+//
+//   S_b = sum_{i in b} (16 L_i) q_i - sum_{i in b} z q_i   (two vpdpbusd, exact int32)
+//
+// The 16 int32 lanes (8 per Q8_0 block) are scaled by d * dy_b and accumulated
+// in float (another summation order; within float32 rounding of the exact sum).
+
+// qword lane L of a decoded block holds weights 8L..8L+7 (group L).
+// Low 2 bits of weight i = 8L + j: bit 8j + 2*(L/2) of ql's qword L%2; select the
+// 8 bits starting 4 below it (mod 64), which puts the field at bits 4..5.
+static const uint8_t hiq2_ctrl_lo[64] __attribute__((aligned(64))) = {
+    60,  4, 12, 20, 28, 36, 44, 52, 60,  4, 12, 20, 28, 36, 44, 52,
+    62,  6, 14, 22, 30, 38, 46, 54, 62,  6, 14, 22, 30, 38, 46, 54,
+     0,  8, 16, 24, 32, 40, 48, 56,  0,  8, 16, 24, 32, 40, 48, 56,
+     2, 10, 18, 26, 34, 42, 50, 58,  2, 10, 18, 26, 34, 42, 50, 58,
+};
+// Upper 2 bits of weight j of group L: bits 2j of the group's 16-bit qh chunk,
+// zero-extended into qword L; select from 6 below it: the field lands at bits 6..7.
+static const uint8_t hiq2_ctrl_up[64] __attribute__((aligned(64))) = {
+    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
+    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
+    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
+    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
+};
+
+// 16 * L_i of one block as 64 bytes in weight order, branch-free. Like the
+// dequantizer, only the first H set bits of the mask count as high groups.
+static HIQ2_ALWAYS_INLINE __m512i hiq2_decode16_avx512(const int H, const uint8_t * blk,
+                                                       const __m512i ctrl_lo, const __m512i ctrl_up) {
+    const __m512i m30 = _mm512_set1_epi8(0x30);
+    const __m512i qlx = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(blk + HIQ2_HEADER_BYTES)));
+    const __m512i lo  = _mm512_multishift_epi64_epi8(ctrl_lo, qlx);             // field at bits 4..5
+    if (H == 0) {
+        const __m512i c16 = _mm512_and_si512(lo, m30);                         // 16 c, c <= 3
+        return _mm512_add_epi8(c16, _mm512_slli_epi16(c16, 2));                // 80 c (no carry across bytes)
+    }
+    const uint8_t * qh = blk + HIQ2_HEADER_BYTES + HIQ2_QL_BYTES;
+    const unsigned em  = H == HIQ2_NGROUPS ? blk[3] : (unsigned) _pdep_u32((1u << H) - 1u, blk[3]);
+    const __m128i qhv  = H == HIQ2_NGROUPS ? _mm_loadu_si128((const __m128i *) qh)
+                                           : _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * H)) - 1u), qh);
+    // word g <- 16-bit chunk k_g = popcount(em & ((1 << g) - 1)) for high groups, 0 for
+    // low groups (a permute with computed indices: vpexpandw with a data-dependent
+    // mask is several times slower on AMD Zen 4)
+    const __m128i pre  = _mm_and_si128(_mm_set1_epi8((char) em), _mm_setr_epi8(0, 1, 3, 7, 15, 31, 63, 127, 0,0,0,0,0,0,0,0));
+    const __m128i kidx = _mm_cvtepu8_epi16(_mm_popcnt_epi8(pre));
+    const __m128i qhg  = _mm_maskz_permutexvar_epi16((__mmask8) em, kidx, qhv);
+    const __m512i up   = _mm512_multishift_epi64_epi8(ctrl_up, _mm512_cvtepu16_epi64(qhg));
+    // c16 = (lo & 0x30) | (up & 0xC0)
+    const __m512i c16  = _mm512_ternarylogic_epi32(lo, _mm512_and_si512(up, _mm512_set1_epi8((char) 0xC0)), m30, 0xEC);
+    // low groups: L = 5c, c <= 3: 16 L = c16 + 4 c16 (c16 <= 48, so the 16-bit shift does
+    // not carry into the neighbouring byte, which is in the same group)
+    const __mmask64 low = _cvtu64_mask64(~(_pdep_u64(em, 0x0101010101010101ull) * 0xFFull));
+    return _mm512_mask_add_epi8(c16, low, c16, _mm512_slli_epi16(c16, 2));
+}
+
+// Q8_0 quants of blocks 2ib, 2ib+1 as one zmm
+static HIQ2_ALWAYS_INLINE __m512i hiq2_load_q8x2(const hiq2_block_q8_0 * y) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) y[0].qs)),
+                              _mm256_loadu_si256((const __m256i *) y[1].qs), 1);
+}
+
+// dy of blocks 2ib, 2ib+1 as 8 + 8 float lanes
+static HIQ2_ALWAYS_INLINE __m512 hiq2_load_dy2(const hiq2_block_q8_0 * y) {
+    const __m256i h = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16((short) y[0].d)),
+                                              _mm_set1_epi16((short) y[1].d), 1);
+    return _mm512_cvtph_ps(h);
+}
+
+#define HIQ2_MM_MAX 4
+// s[c * bs + r] = row r of x . column c of y, r < NR, c < NC (1 <= NR, NC <= HIQ2_MM_MAX, constants)
+static HIQ2_ALWAYS_INLINE void hiq2_mm_avx512(const int H, const int NR, const int NC, const int n,
+                                              float * GGML_RESTRICT s, const size_t bs,
+                                              const uint8_t * GGML_RESTRICT x, const size_t bx,
+                                              const uint8_t * GGML_RESTRICT y, const size_t by) {
+    const int nb = n / QK_HIQ2;
+    const size_t ts = HIQ2_TYPE_SIZE(H);
+    const __m512i ctrl_lo = _mm512_load_si512((const void *) hiq2_ctrl_lo);
+    const __m512i ctrl_up = _mm512_load_si512((const void *) hiq2_ctrl_up);
+    __m512 acc[HIQ2_MM_MAX][HIQ2_MM_MAX];
+    for (int r = 0; r < NR; ++r) {
+        for (int c = 0; c < NC; ++c) {
+            acc[r][c] = _mm512_setzero_ps();
+        }
+    }
+    for (int ib = 0; ib < nb; ++ib) {
+        __m512i q[HIQ2_MM_MAX];
+        __m512  dy[HIQ2_MM_MAX];
+        for (int c = 0; c < NC; ++c) {
+            const hiq2_block_q8_0 * yc = (const hiq2_block_q8_0 *)(y + c * by) + 2 * ib;
+            q[c]  = hiq2_load_q8x2(yc);
+            dy[c] = hiq2_load_dy2(yc);
+        }
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t * blk = x + r * bx + ib * ts;
+            const __m512i L16 = hiq2_decode16_avx512(H, blk, ctrl_lo, ctrl_up);
+            const __m512i vz  = _mm512_set1_epi8((char) blk[2]);
+            const __m512  vd  = _mm512_set1_ps(_cvtsh_ss(ggml_hiq2_read_u16(blk)));
+            for (int c = 0; c < NC; ++c) {
+                const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), L16, q[c]);
+                const __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vz, q[c]);
+                const __m512  f = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, b));
+                acc[r][c] = _mm512_fmadd_ps(f, _mm512_mul_ps(vd, dy[c]), acc[r][c]);
+            }
+        }
+    }
+    for (int c = 0; c < NC; ++c) {
+        for (int r = 0; r < NR; ++r) {
+            s[c * bs + r] = _mm512_reduce_add_ps(acc[r][c]) / 16.0f;
+        }
+    }
+}
+#endif
+
 static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_impl(const int H, const int n, float * GGML_RESTRICT s,
                                                  const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % QK_HIQ2 == 0);
+#if HIQ2_AVX512
+    hiq2_mm_avx512(H, 1, 1, n, s, 0, (const uint8_t *) vx, 0, (const uint8_t *) vy, 0);
+#else
     const int nb = n / QK_HIQ2;
     const size_t ts = HIQ2_TYPE_SIZE(H);
     const uint8_t * x = (const uint8_t *) vx;
@@ -114,12 +246,6 @@ static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_impl(const int H, const int n, float
     const __m256i ones8 = _mm256_set1_epi8(1);
     const __m256i s16   = _mm256_set1_epi16(16);
     __m256 acc = _mm256_setzero_ps();
-#if defined(__BMI2__) && defined(__AVX512VBMI__) && defined(__AVX512VL__)
-    // qword lane L, byte j: 8 bits starting at bit 16L + 2j - 2 (mod 64) -> field at bits 2..3
-    const __m256i ushift = _mm256_setr_epi8(62, 0, 2, 4, 6, 8, 10, 12,  14, 16, 18, 20, 22, 24, 26, 28,
-                                            30, 32, 34, 36, 38, 40, 42, 44,  46, 48, 50, 52, 54, 56, 58, 60);
-    const __m256i m12 = _mm256_set1_epi8(0x0C);
-#endif
 #endif
     for (int ib = 0; ib < nb; ++ib) {
         const uint8_t * blk = x + ib * ts;
@@ -131,18 +257,10 @@ static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_impl(const int H, const int n, float
         const __m256i qlx = _mm256_set_m128i(ql, ql);
         const __m256i lo0 = _mm256_and_si256(_mm256_blend_epi32(qlx, _mm256_srli_epi16(qlx, 2), 0xF0), m3);
         const __m256i lo1 = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(qlx, 4), _mm256_srli_epi16(qlx, 6), 0xF0), m3);
-#if defined(__BMI2__) && defined(__AVX512VBMI__) && defined(__AVX512VL__)
-        // byte i of a half <- its 2-bit field, placed at bits 2..3 (rotate-select, then mask)
-        uint64_t u[2];
-        const unsigned em = hiq2_upper_fields(H, blk, u);
-        const __m256i up0 = _mm256_and_si256(_mm256_multishift_epi64_epi8(ushift, _mm256_set1_epi64x((long long) u[0])), m12);
-        const __m256i up1 = _mm256_and_si256(_mm256_multishift_epi64_epi8(ushift, _mm256_set1_epi64x((long long) u[1])), m12);
-#else
         uint64_t up[HIQ2_NGROUPS];
         const unsigned em = hiq2_upper_bytes(H, blk, up);
         const __m256i up0 = _mm256_set_epi64x((long long) up[3], (long long) up[2], (long long) up[1], (long long) up[0]);
         const __m256i up1 = _mm256_set_epi64x((long long) up[7], (long long) up[6], (long long) up[5], (long long) up[4]);
-#endif
         const __m256i c0  = _mm256_or_si256(lo0, up0);
         const __m256i c1  = _mm256_or_si256(lo1, up1);
         // L = c for high groups, 5c for low groups
@@ -206,10 +324,36 @@ static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_impl(const int H, const int n, float
     }
 #endif
     *s = sumf / 16.0f;
+#endif // HIQ2_AVX512
 }
 
 void ggml_vec_dot_hiq2_q8_0(int H, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(H >= 0 && H <= HIQ2_NGROUPS);
+    hiq2_vec_dot_impl(H, n, s, vx, vy);
+}
+
+// nrc == 1: *s = x . y. nrc == 2 (only requested when HIQ2_VEC_DOT_NROWS == 2):
+// a 2 x 2 tile, s[c * bs + r] = (row r of x, stride bx) . (column c of y, stride by).
+static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_tile(const int H, const int n, float * GGML_RESTRICT s, const size_t bs,
+                                                 const void * GGML_RESTRICT vx, const size_t bx,
+                                                 const void * GGML_RESTRICT vy, const size_t by, const int nrc) {
+    assert(nrc == 1 || nrc == 2);
+#if HIQ2_AVX512
+    if (nrc == 2) {
+        hiq2_mm_avx512(H, 2, 2, n, s, bs, (const uint8_t *) vx, bx, (const uint8_t *) vy, by);
+        return;
+    }
+#else
+    if (nrc == 2) {
+        for (int c = 0; c < 2; ++c) {
+            for (int r = 0; r < 2; ++r) {
+                hiq2_vec_dot_impl(H, n, s + c * bs + r, (const uint8_t *) vx + r * bx, (const uint8_t *) vy + c * by);
+            }
+        }
+        return;
+    }
+#endif
+    (void) bs; (void) bx; (void) by;
     hiq2_vec_dot_impl(H, n, s, vx, vy);
 }
 
@@ -220,9 +364,108 @@ void ggml_vec_dot_hiq2_q8_0(int H, int n, float * GGML_RESTRICT s, const void * 
     } \
     void ggml_vec_dot_hiq2_h##H##_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, \
                                        const void * GGML_RESTRICT vy, size_t by, int nrc) { \
-        assert(nrc == 1); \
-        (void) bs; (void) bx; (void) by; (void) nrc; \
-        hiq2_vec_dot_impl(H, n, s, vx, vy); \
+        hiq2_vec_dot_tile(H, n, s, bs, vx, bx, vy, by, nrc); \
     }
 HIQ2_FOREACH(HIQ2_DEFINE_CPU_FNS)
 #undef HIQ2_DEFINE_CPU_FNS
+
+
+// ---- GEMM (llamafile_sgemm hook, see patch.py) ---------------------------------
+// C[j * ldc + i] = (row i of A) . (row j of B), A: m rows of k HIQ2_H<H> blocks
+// (stride lda blocks), B: n rows of 2k Q8_0 blocks (stride ldb blocks). Tiles of
+// 3 rows x 4 columns decode each weight block once per 4 columns and load each
+// activation block once per 3 rows (3 x 4 accumulators + operands fit the 32 zmm
+// registers).
+#if HIQ2_AVX512
+#define HIQ2_GEMM_TR       3                    // tile rows
+#define HIQ2_GEMM_TC       4                    // tile columns
+#define HIQ2_GEMM_JOB_ROWS (16 * HIQ2_GEMM_TR)  // rows per dynamically scheduled job
+// rows r0..r1-1 of C, all n columns
+static HIQ2_ALWAYS_INLINE void hiq2_gemm_rows(const int H, const int64_t r0, const int64_t r1,
+                                              const int64_t n, const int64_t k,
+                                              const uint8_t * GGML_RESTRICT A, const size_t lda,
+                                              const uint8_t * GGML_RESTRICT B, const size_t ldb,
+                                              float * GGML_RESTRICT C, const size_t ldc) {
+    const int kn = (int) k * QK_HIQ2;
+    int64_t j = 0;
+    for (; j + HIQ2_GEMM_TC <= n; j += HIQ2_GEMM_TC) {
+        const uint8_t * b = B + j * ldb;
+        float * c = C + j * ldc;
+        int64_t i = r0;
+        for (; i + HIQ2_GEMM_TR <= r1; i += HIQ2_GEMM_TR) {
+            hiq2_mm_avx512(H, HIQ2_GEMM_TR, HIQ2_GEMM_TC, kn, c + i, ldc, A + i * lda, lda, b, ldb);
+        }
+        for (; i < r1; ++i) {
+            hiq2_mm_avx512(H, 1, HIQ2_GEMM_TC, kn, c + i, ldc, A + i * lda, lda, b, ldb);
+        }
+    }
+    for (; j < n; ++j) {
+        const uint8_t * b = B + j * ldb;
+        float * c = C + j * ldc;
+        int64_t i = r0;
+        for (; i + HIQ2_GEMM_TR <= r1; i += HIQ2_GEMM_TR) {
+            hiq2_mm_avx512(H, HIQ2_GEMM_TR, 1, kn, c + i, 0, A + i * lda, lda, b, 0);
+        }
+        for (; i < r1; ++i) {
+            hiq2_mm_avx512(H, 1, 1, kn, c + i, 0, A + i * lda, lda, b, 0);
+        }
+    }
+}
+
+static HIQ2_ALWAYS_INLINE void hiq2_gemm_impl(const int H, struct ggml_threadpool * tp, const int ith, const int nth,
+                                              const int64_t m, const int64_t n, const int64_t k,
+                                              const uint8_t * GGML_RESTRICT A, const size_t lda,
+                                              const uint8_t * GGML_RESTRICT B, const size_t ldb,
+                                              float * GGML_RESTRICT C, const size_t ldc) {
+    if (tp == NULL) {
+        // static split: thread ith takes a contiguous range of whole tiles
+        const int64_t ntiles = (m + HIQ2_GEMM_TR - 1) / HIQ2_GEMM_TR;
+        const int64_t r0 = HIQ2_GEMM_TR * ((ntiles * ith) / nth);
+        const int64_t r1 = ith == nth - 1 ? m : HIQ2_GEMM_TR * ((ntiles * (ith + 1)) / nth);
+        hiq2_gemm_rows(H, r0, r1, n, k, A, lda, B, ldb, C, ldc);
+        return;
+    }
+    // dynamic: blocks of HIQ2_GEMM_JOB_ROWS rows handed out with the threadpool's
+    // chunk counter (the protocol of ggml's mul_mat and llamafile's tinyBLAS), so a
+    // thread that was descheduled does not hold up the others
+    const int64_t njobs = (m + HIQ2_GEMM_JOB_ROWS - 1) / HIQ2_GEMM_JOB_ROWS;
+    if (ith == 0) {
+        ggml_threadpool_chunk_set(tp, nth);
+    }
+    ggml_barrier(tp);
+    for (int64_t job = ith; job < njobs; job = ggml_threadpool_chunk_add(tp, 1)) {
+        const int64_t r0 = job * HIQ2_GEMM_JOB_ROWS;
+        const int64_t r1 = r0 + HIQ2_GEMM_JOB_ROWS < m ? r0 + HIQ2_GEMM_JOB_ROWS : m;
+        hiq2_gemm_rows(H, r0, r1, n, k, A, lda, B, ldb, C, ldc);
+    }
+    ggml_barrier(tp);
+}
+
+#define HIQ2_DEFINE_GEMM(H) \
+    static void hiq2_gemm_h##H(struct ggml_threadpool * tp, int ith, int nth, int64_t m, int64_t n, int64_t k, \
+                               const uint8_t * A, size_t lda, const uint8_t * B, size_t ldb, float * C, size_t ldc) { \
+        hiq2_gemm_impl(H, tp, ith, nth, m, n, k, A, lda, B, ldb, C, ldc); \
+    }
+HIQ2_FOREACH(HIQ2_DEFINE_GEMM)
+#undef HIQ2_DEFINE_GEMM
+#endif
+
+bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, int64_t n, int64_t k, const void * A, int64_t lda,
+                     const void * B, int64_t ldb, float * C, int64_t ldc, int Atype) {
+#if HIQ2_AVX512
+    const size_t ts = HIQ2_TYPE_SIZE(ggml_hiq2_n_high((enum ggml_type) Atype));
+    const size_t ya = (size_t) lda * ts;                        // bytes per row of A
+    const size_t yb = (size_t) ldb * sizeof(hiq2_block_q8_0);   // bytes per row of B
+    switch (ggml_hiq2_n_high((enum ggml_type) Atype)) {
+#define HIQ2_GEMM_CASE(H) \
+        case H: hiq2_gemm_h##H(tp, ith, nth, m, n, k, (const uint8_t *) A, ya, (const uint8_t *) B, yb, C, (size_t) ldc); return true;
+        HIQ2_FOREACH(HIQ2_GEMM_CASE)
+#undef HIQ2_GEMM_CASE
+        default: return false;
+    }
+#else
+    (void) tp; (void) ith; (void) nth; (void) m; (void) n; (void) k; (void) A; (void) lda;
+    (void) B; (void) ldb; (void) C; (void) ldc; (void) Atype;
+    return false;   // ggml's mul_mat loop with vec_dot
+#endif
+}

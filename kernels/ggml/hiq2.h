@@ -159,11 +159,32 @@ static inline int ggml_hiq2_n_high(enum ggml_type type) {
 static inline bool ggml_is_hiq2_type(enum ggml_type type) { return ggml_hiq2_n_high(type) >= 0; }
 
 // ---- CPU backend entry points (defined in ggml-cpu/hiq2-cpu.c) -------------
+// The AVX-512 kernel (hiq2-cpu.c) computes 2 rows x 2 columns per vec_dot call
+// (ggml's nrows == 2 convention); other builds do one dot product per call.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI__) && \
+    defined(__AVX512BITALG__) && defined(__AVX512VNNI__) && defined(__BMI2__) && defined(__F16C__)
+#define HIQ2_AVX512 1
+#define HIQ2_VEC_DOT_NROWS 2
+#else
+#define HIQ2_AVX512 0
+#define HIQ2_VEC_DOT_NROWS 1
+#endif
+
 #define HIQ2_DECLARE_CPU_FNS(H) \
     void quantize_row_hiq2_h##H(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
     void ggml_vec_dot_hiq2_h##H##_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 HIQ2_FOREACH(HIQ2_DECLARE_CPU_FNS)
 #undef HIQ2_DECLARE_CPU_FNS
+// GEMM for ggml-cpu's llamafile_sgemm hook (patch.py), called by each of the nth
+// threads: C[j*ldc + i] = A row i . B row j for i < m, j < n; A: HIQ2 type Atype,
+// k blocks per row, row stride lda blocks; B: Q8_0, row stride ldb blocks; C: float,
+// column stride ldc. tp: the compute threadpool (work handed out dynamically; every
+// one of the nth threads must call, there are barriers), or NULL: thread ith does a
+// static share and nothing is synchronised. Returns false (nothing done) where this
+// build has no GEMM kernel.
+struct ggml_threadpool;
+bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, int64_t n, int64_t k, const void * A, int64_t lda,
+                     const void * B, int64_t ldb, float * C, int64_t ldc, int Atype);
 // generic: x has n/64 HIQ2_H<H> blocks, y has n/32 Q8_0 blocks
 void ggml_vec_dot_hiq2_q8_0(int H, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy);
 
@@ -199,7 +220,7 @@ GGML_API const struct ggml_hiq2_type_fns ggml_hiq2_types[HIQ2_NTYPES];
         .from_float   = quantize_row_hiq2_h##H, \
         .vec_dot      = ggml_vec_dot_hiq2_h##H##_q8_0, \
         .vec_dot_type = GGML_TYPE_Q8_0, \
-        .nrows        = 1, \
+        .nrows        = HIQ2_VEC_DOT_NROWS, \
     },
 #define GGML_HIQ2_TYPE_TRAITS_CPU_ROWS HIQ2_FOREACH(GGML_HIQ2_TYPE_TRAITS_CPU_ROW)
 

@@ -106,6 +106,18 @@ EDITS: dict[str, list[Edit]] = {
              f"    GGML_HIQ2_TYPE_TRAITS_CPU_ROWS // {MARK}\n"
              "};\n"),
     ],
+    # prompt processing: HIQ2 x Q8_0 matrix products go to the HIQ2 GEMM (tiles of
+    # several activation columns) when the build has one; ggml's vec_dot loop otherwise
+    "ggml/src/ggml-cpu/llamafile/sgemm.cpp": [
+        Edit('#include "ggml-quants.h"\n', f'#include "ggml-quants.h"\n#include "hiq2.h" // {MARK}\n'),
+        Edit("    if (Ctype != GGML_TYPE_F32)\n        return false;\n\n    switch (Atype) {\n",
+             "    if (Ctype != GGML_TYPE_F32)\n        return false;\n\n"
+             f"    if (ggml_is_hiq2_type((enum ggml_type) Atype)) {{ // {MARK}\n"
+             "        return Btype == GGML_TYPE_Q8_0 &&\n"
+             "               ggml_hiq2_sgemm(params->threadpool, params->ith, params->nth, m, n, k, A, lda, B, ldb, (float *) C, ldc, Atype);\n"
+             "    }\n\n"
+             "    switch (Atype) {\n"),
+    ],
     # add, add1, acc, out_prod, set, get_rows, clamp: the quantized-type lists
     "ggml/src/ggml-cpu/ops.cpp": [
         Edit('#include "ops.h"\n', f'#include "ops.h"\n#include "hiq2.h" // {MARK}\n'),
