@@ -10,7 +10,7 @@ import sys
 def _convert(a) -> int:
     from hiq2gguf.convert import ConvertConfig, convert
 
-    cfg = ConvertConfig(bpw=a.bpw, method=a.method, calib_windows=a.calib_windows, eval_text=a.eval_text,
+    cfg = ConvertConfig(bpw=a.bpw, method=a.method, ratio_strategy=a.ratio_strategy, calib_windows=a.calib_windows, eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
                         progress=not a.quiet)
     report = convert(cfg, a.output, a.model, a.report)
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="write a JSON report here")
     c.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
                    help="quantizer on the HIQ2 grid (default gptq)")
+    c.add_argument("--ratio-strategy", choices=["fixed", "optimized"], default="fixed",
+                   help="one high-group ratio for all layers, or per-layer ratios from the "
+                        "quadratic loss model solved by HiGHS")
     c.add_argument("--calib-windows", type=int, default=16, help="512-token calibration sequences")
     c.add_argument("--eval-text", default="boolq", help="boolq | lambada | FILE")
     c.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from converters import UnsupportedArchitecture
-    from hiq2gguf.convert import BudgetError
+    from hiq2gguf.plan import BudgetError
     from hiq2gguf.data import DataMissing
     from hiq2gguf.formats import FormatError
     from hiq2gguf.gguf_io import CorruptGGUF

@@ -17,14 +17,11 @@ import torch
 from tqdm import tqdm
 
 from hiq2gguf import data, evaluate
-from hiq2gguf.formats import HIQ2_TYPES, FormatError, HIQ2Type, min_bpw
+from hiq2gguf.formats import FormatError, HIQ2Type
+from hiq2gguf.plan import BudgetError, fixed_plan, fixed_ratio_type, optimized_plan
 from hiq2gguf.gguf_io import atomic_output
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn
 from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
-
-
-class BudgetError(ValueError):
-    pass
 
 
 @dataclass
@@ -36,18 +33,10 @@ class ConvertConfig:
     eval_windows: int = evaluate.DEFAULT_WINDOWS
     eval_ctx: int = evaluate.DEFAULT_CTX
     method: str = "gptq"                      # rtn | gptq (both on the exact HIQ2 grid)
+    ratio_strategy: str = "fixed"             # fixed | optimized (per-layer ratios, gradient M)
     evaluate: bool = True                     # measure ppl: reference, torch, llama.cpp
     threads: int = 2
     progress: bool = True
-
-
-def fixed_ratio_type(bpw: float) -> HIQ2Type:
-    """The family member with the most high groups whose size fits the budget."""
-    fitting = [t for t in HIQ2_TYPES.values() if t.bpw <= bpw + 1e-9]
-    if not fitting:
-        raise BudgetError(f"--bpw {bpw:g} is below the smallest HIQ2 size: "
-                          f"the minimum is {min_bpw():.2f} bits per weight")
-    return max(fitting, key=lambda t: t.n_high)
 
 
 def check_shapes(model, converter) -> dict[str, tuple[int, int]]:
@@ -78,14 +67,16 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     out = Path(out)
     if not math.isfinite(cfg.bpw):
         raise BudgetError(f"--bpw must be a number, got {cfg.bpw}")
-    qtype = fixed_ratio_type(cfg.bpw)       # fail on a bad budget before any heavy work
+    fixed_ratio_type(cfg.bpw)               # fail on a bad budget before any heavy work
+    if cfg.ratio_strategy not in ("fixed", "optimized"):
+        raise ValueError(f"unknown ratio strategy {cfg.ratio_strategy!r}")
     source = model_io.resolve(model_ref)
     _log(cfg, f"loading {source.path}")
     model, tokenizer = model_io.load(source)
     converter = converter_for(model.config)
     shapes = check_shapes(model, converter)
-    _log(cfg, f"{len(shapes)} linear weights -> {qtype.name} ({qtype.bpw:.2f} bpw, "
-              f"high ratio {qtype.ratio:.1%}) for budget {cfg.bpw:g}")
+    _log(cfg, f"{len(shapes)} linear weights, budget {cfg.bpw:g} bits per weight, "
+              f"{cfg.ratio_strategy} ratios, {cfg.method}")
 
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -120,20 +111,33 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     report["calibration"] = {"text": "boolq/calibration", "windows": len(calib),
                              "ctx": cfg.calib_ctx, "seconds": round(time.time() - t0, 1)}
 
-    # 2. quantize (codes -> packed bytes; the torch model gets the exact dequantized weights)
+    # 2. ratios per layer
+    if cfg.ratio_strategy == "optimized":
+        t0 = time.time()
+        plan, report["solver"] = optimized_plan(model, params, fisher, cfg.bpw, calib, progress=cfg.progress)
+        report["estimator"] = "gradient"
+        report["plan_seconds"] = round(time.time() - t0, 1)
+        s = report["solver"]
+        _log(cfg, f"solver {s['method']}: {s['status']}, objective {s['objective']:.4g}, gap {s['gap']:.2g}")
+    else:
+        plan = fixed_plan(shapes, cfg.bpw)
+        _log(cfg, f"every linear weight -> {next(iter(plan.values())).name}")
+    report["ratio_strategy"] = cfg.ratio_strategy
+
+    # 3. quantize (codes -> packed bytes; the torch model gets the exact dequantized weights)
     t0 = time.time()
-    packed, stock = quantize_model(model, converter, {n: qtype for n in params}, quantize_fn, cfg.progress)
+    packed, stock = quantize_model(model, converter, plan, quantize_fn, cfg.progress)
     report["method"] = cfg.method
     report["quantize_seconds"] = round(time.time() - t0, 1)
 
-    # 3. write
+    # 4. write
     write_gguf(out, converter, model, source, tokenizer, packed, stock,
-               {"ratio_strategy": "fixed", "bpw_budget": float(cfg.bpw)})
+               {"ratio_strategy": cfg.ratio_strategy, "bpw_budget": float(cfg.bpw)})
     report.update(size_report(out, packed))
     report["output"] = str(out)
     _log(cfg, f"wrote {out}: bpw {report['bpw']:.4f} (linear weights), file_bpw {report['file_bpw']:.4f}")
 
-    # 4. evaluate the same windows through PyTorch (fake-quant) and llama.cpp (the file)
+    # 5. evaluate the same windows through PyTorch (fake-quant) and llama.cpp (the file)
     if cfg.evaluate:
         report["ppl"]["torch"] = evaluate.ppl_torch(model, eval_windows, cfg.progress, "ppl torch").ppl
         from hiq2gguf import llama

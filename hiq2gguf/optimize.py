@@ -102,7 +102,7 @@ def _solve_milp(m, time_limit: float):
 
     solver = Highs()
     solver.config.time_limit = time_limit
-    solver.config.mip_gap = 1e-9
+    solver.config.mip_gap = 1e-7
     solver.config.load_solution = False
     res = solver.solve(m)
     if "infeasible" in res.termination_condition.name.lower():
@@ -196,9 +196,14 @@ def solve(p: RatioProblem, method: str = "auto", **kw) -> Solution:
     if p.budget_bits < lo:
         _raise_infeasible(p)
     if method == "auto":
+        # block-sparse M (the paper's estimator): exact MILP; a dense M is only ever
+        # positive semi-definite here (gradient estimator) and goes to outer approximation
         layer = _layer_of(p)
-        cross = np.count_nonzero(np.triu(p.M, 1)[layer[:, None] != layer[None, :]])
-        method = "linearized" if cross <= 20000 else "outer"
+        block = np.abs(p.M) > 0
+        cross = np.count_nonzero(np.triu(block, 1)[layer[:, None] != layer[None, :]])
+        n = p.M.shape[0]
+        dense = cross > 0.25 * n * (n - 1) / 2
+        method = "outer" if dense and np.linalg.eigvalsh(p.M)[0] >= -1e-9 * np.abs(p.M).max() else "linearized"
     if method == "linearized":
         return solve_linearized(p, **kw)
     if method == "outer":

@@ -46,7 +46,12 @@ def test_logits_match_torch(tiny_llama_dir, tiny_gguf, smollm_tokenizer):
         got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
     diff = np.abs(got - ref) / ref.std()
     assert diff.mean() < MEAN_TOL and diff.max() < MAX_TOL, (diff.mean(), diff.max())
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+    # a random model's top two logits are often nearly tied; wherever PyTorch's top-1
+    # leads by more than the largest allowed deviation, llama.cpp must pick it too
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * MAX_TOL * ref.std()
+    assert clear.sum() >= 5
+    assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
 def test_cli_run_and_ppl(tiny_gguf, tmp_path):
