@@ -155,39 +155,56 @@ def solve_linearized(p: RatioProblem, time_limit: float = 600) -> Solution:
 
 def solve_outer_approximation(p: RatioProblem, tol: float = 1e-6, max_iter: int = 200,
                               time_limit: float = 600) -> Solution:
-    """Kelley/outer approximation; needs M positive semi-definite (f convex)."""
+    """Outer approximation for a positive semi-definite M.
+
+    M = P^T P (eigen-factor, rank r) makes f(d) = 1/2 d^T M d = sum_k 1/2 u_k^2 with
+    u_k = P_k . d: a sum of one-dimensional parabolas. Each iteration solves the MILP
+    min sum_k eta_k over the tangents collected so far (eta_k >= a u_k - a^2/2 at each
+    visited a = u_k), whose optimum is a lower bound, and adds the tangents at its
+    solution; it stops when the best visited point meets the bound.
+    """
     import pyomo.environ as pyo
 
-    eig = np.linalg.eigvalsh(p.M)
-    if eig[0] < -1e-9 * max(1.0, abs(eig[-1])):
+    scale = float(np.abs(p.M).max()) or 1.0
+    Ms = p.M / scale          # unit-sized: tolerances must not depend on the loss scale
+    lam, V = np.linalg.eigh(Ms)
+    if lam[0] < -1e-9 * max(1.0, abs(lam[-1])):
         raise ValueError("outer approximation needs a positive semi-definite M "
-                         f"(smallest eigenvalue {eig[0]:.3g}); use the linearized MILP")
+                         f"(smallest eigenvalue {lam[0] * scale:.3g}); use the linearized MILP")
+    keep = lam > 1e-12 * lam[-1]
+    P = (V[:, keep] * np.sqrt(lam[keep])).T          # r x n, Ms ~= P^T P
     t0 = time.time()
     m = _base_model(p)
-    m.eta = pyo.Var(bounds=(0, None))
-    m.obj = pyo.Objective(expr=m.eta)
+    m.K = pyo.RangeSet(0, P.shape[0] - 1)
+    m.u = pyo.Var(m.K)
+    m.eta = pyo.Var(m.K, bounds=(0, None))
+    m.proj = pyo.Constraint(m.K, rule=lambda m, k: m.u[k] == sum(float(P[k, i]) * m.d[i]
+                                                                 for i in m.I if P[k, i] != 0))
+    m.obj = pyo.Objective(expr=sum(m.eta[k] for k in m.K))
     m.cuts = pyo.ConstraintList()
-    best, best_obj, lower, log = None, np.inf, -np.inf, []
-    # the first MILP has no cut and returns any feasible choice to linearize at
+    best, best_f, lower, log = None, np.inf, 0.0, []
+
+    def converged() -> bool:
+        return best_f - lower <= tol * max(abs(best_f), 1e-12)
+
     it = 0
     for it in range(1, max_iter + 1):
         res, raw = _solve_milp(m, max(1.0, time_limit - (time.time() - t0)))
         if res is None:
             _raise_infeasible(p)
-        lower = max(lower, raw.best_objective_bound if it > 1 else 0.0)
+        lower = max(lower, raw.best_objective_bound)
         choice = _choice_from(m, p)
-        f = p.objective(choice)
-        if f < best_obj:
-            best, best_obj = choice, f
-        log.append(f"iter {it}: f={f:.6g} best={best_obj:.6g} lower={lower:.6g}")
-        if best_obj - lower <= tol * max(1.0, abs(best_obj)):
+        u = P @ p.one_hot(choice)
+        f = 0.5 * float(u @ u)
+        if f < best_f:
+            best, best_f = choice, f
+        log.append(f"iter {it}: f={f:.6g} best={best_f:.6g} lower={lower:.6g}")
+        if converged():
             break
-        d = p.one_hot(choice)
-        g = p.M @ d                       # gradient of 1/2 d^T M d
-        # tangent: f(d) + g.(x - d) = g.x - 1/2 d^T M d
-        m.cuts.add(m.eta >= sum(float(g[i]) * m.d[i] for i in m.I) - f)
-    status = "optimal" if best_obj - lower <= tol * max(1.0, abs(best_obj)) else "iteration limit"
-    return Solution(best, best_obj, status, _gap(best_obj, lower), time.time() - t0, "outer", it,
+        for k, a in enumerate(u):
+            m.cuts.add(m.eta[k] >= float(a) * m.u[k] - 0.5 * float(a) ** 2)
+    status = "optimal" if converged() else "iteration limit"
+    return Solution(best, p.objective(best), status, _gap(best_f, lower), time.time() - t0, "outer", it,
                     bits=p.total_bits(best), log=log)
 
 

@@ -52,7 +52,8 @@ def test_optimized_plan_holds_budget_and_beats_fixed(tiny):
     model, params, fisher, windows = tiny
     bpw = 3.1
     shapes = {n: tuple(p.shape) for n, p in params.items()}
-    plan, info = optimized_plan(model, params, fisher, bpw, windows, progress=False)
+    cands = [get_type(n) for n in ("HIQ2_H1", "HIQ2_H2", "HIQ2_H3")]
+    plan, info = optimized_plan(model, params, fisher, bpw, windows, candidates=cands, progress=False)
     elements = sum(r * c for r, c in shapes.values())
     bits = sum(layer_bits(shapes[n], t) for n, t in plan.items())
     assert bits <= bpw * elements
@@ -60,8 +61,7 @@ def test_optimized_plan_holds_budget_and_beats_fixed(tiny):
     fixed = fixed_plan(shapes, bpw)
     assert set(t.name for t in fixed.values()) == {"HIQ2_H2"}
     # the fixed plan is feasible and among the candidates: the optimum cannot be worse
-    cands = candidate_types(bpw)
-    assert get_type("HIQ2_H2") in cands
+    assert get_type("HIQ2_H2") in candidate_types(bpw)
     assert info["objective"] <= _model_objective(model, params, fisher, windows, fixed, cands) * (1 + 1e-6)
 
 
@@ -69,3 +69,9 @@ def _model_objective(model, params, fisher, windows, plan, cands):
     deltas = candidate_perturbations(params, fisher, {n: [t] for n, t in plan.items()}, progress=False)
     M = gradient_projection_matrix(model, params, deltas, windows, progress=False)
     return 0.5 * float(M.sum())
+
+
+def test_budget_errors():
+    with pytest.raises(BudgetError, match="minimum is 2.50"):
+        candidate_types(2.4)
+    assert [t.name for t in candidate_types(2.6)] == ["HIQ2_H0", "HIQ2_H1", "HIQ2_H2", "HIQ2_H3", "HIQ2_H4"]
