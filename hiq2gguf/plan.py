@@ -3,7 +3,6 @@ chosen by the quadratic loss model under the bits budget."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 
 import torch
 

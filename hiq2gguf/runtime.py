@@ -379,7 +379,7 @@ def _prune_old_builds(current: Path, keep: int = 1, quiet_s: float = 900.0) -> N
     Dirs touched within the last `quiet_s` seconds are left alone (a build may be running there).
     """
     now = time.time()
-    others = [p for p in current.parent.glob(f"llama.cpp-*") if p.is_dir() and p != current]
+    others = [p for p in current.parent.glob("llama.cpp-*") if p.is_dir() and p != current]
     complete = sorted((p for p in others if _stamp(p).exists()), key=lambda p: _stamp(p).stat().st_mtime,
                       reverse=True)
     keep_set = set(complete[:keep])

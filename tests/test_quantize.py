@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hiq2gguf.formats import HIQ2_TYPES, get_type
+from hiq2gguf.formats import get_type
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn
 
 
