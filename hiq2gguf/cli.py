@@ -9,8 +9,12 @@ import sys
 
 def _convert(a) -> int:
     from hiq2gguf.convert import ConvertConfig, convert
+    from hiq2gguf.plan import RatioConfig
 
-    cfg = ConvertConfig(bpw=a.bpw, method=a.method, ratio_strategy=a.ratio_strategy, calib_windows=a.calib_windows, eval_text=a.eval_text,
+    ratio = RatioConfig(estimator=a.estimator, ratios=a.ratios, solver=a.solver, time_limit=a.time_limit,
+                        cache=not a.no_cache)
+    cfg = ConvertConfig(bpw=a.bpw, method=a.method, ratio_strategy=a.ratio_strategy, ratio=ratio,
+                        calib_windows=a.calib_windows, eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
                         progress=not a.quiet)
     report = convert(cfg, a.output, a.model, a.report)
@@ -82,9 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", help="write a JSON report here")
     c.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
                    help="quantizer on the HIQ2 grid (default gptq)")
-    c.add_argument("--ratio-strategy", choices=["fixed", "optimized"], default="fixed",
-                   help="one high-group ratio for all layers, or per-layer ratios from the "
-                        "quadratic loss model solved by HiGHS")
+    c.add_argument("--ratio-strategy", choices=["optimized", "fixed"], default="optimized",
+                   help="per-layer ratios from the quadratic loss model solved by HiGHS (default), "
+                        "or one high-group ratio for all layers")
+    c.add_argument("--estimator", choices=["gradient", "loss"], default="gradient",
+                   help="sensitivity matrix M: gradient projection (default, cheap) or the "
+                        "paper's loss differences (thousands of forward passes)")
+    c.add_argument("--ratios", help="candidate members for the optimizer, e.g. H0,H2,H4 or "
+                                    "0,0.25,0.5 (default: every member within 1 bpw of --bpw)")
+    c.add_argument("--solver", choices=["auto", "linearized", "outer"], default="auto",
+                   help="exact MILP with linearized products, or outer approximation (dense M)")
+    c.add_argument("--time-limit", type=float, default=300.0,
+                   help="seconds for HiGHS; then the best choice found and its gap are used")
+    c.add_argument("--no-cache", action="store_true", help="do not keep or reuse the estimate of M")
     c.add_argument("--calib-windows", type=int, default=16, help="512-token calibration sequences")
     c.add_argument("--eval-text", default="boolq", help="boolq | lambada | FILE")
     c.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
@@ -135,8 +149,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from hiq2gguf.gguf_io import CorruptGGUF
     from hiq2gguf.model_io import ModelSourceError
     from hiq2gguf.runtime import RuntimeMissing
+    from hiq2gguf.optimize import InfeasibleBudget
 
-    return (UnsupportedArchitecture, BudgetError, DataMissing, FormatError, CorruptGGUF,
+    return (UnsupportedArchitecture, InfeasibleBudget, BudgetError, DataMissing, FormatError, CorruptGGUF,
             ModelSourceError, RuntimeMissing, FileNotFoundError, PermissionError)
 
 

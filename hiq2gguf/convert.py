@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from hiq2gguf import data, evaluate
 from hiq2gguf.formats import FormatError, HIQ2Type
-from hiq2gguf.plan import BudgetError, fixed_plan, fixed_ratio_type, optimized_plan
+from hiq2gguf.plan import BudgetError, RatioConfig, check_budget, fixed_plan, optimized_plan, parse_ratios
 from hiq2gguf.gguf_io import atomic_output
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn
 from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
@@ -33,7 +33,8 @@ class ConvertConfig:
     eval_windows: int = evaluate.DEFAULT_WINDOWS
     eval_ctx: int = evaluate.DEFAULT_CTX
     method: str = "gptq"                      # rtn | gptq (both on the exact HIQ2 grid)
-    ratio_strategy: str = "fixed"             # fixed | optimized (per-layer ratios, gradient M)
+    ratio_strategy: str = "optimized"         # optimized (per-layer ratios, see plan.py) | fixed
+    ratio: RatioConfig = field(default_factory=RatioConfig)
     evaluate: bool = True                     # measure ppl: reference, torch, llama.cpp
     threads: int = 2
     progress: bool = True
@@ -52,6 +53,97 @@ def check_shapes(model, converter) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+@dataclass
+class Calibration:
+    windows: list[list[int]]
+    fisher: dict[str, torch.Tensor]
+    hessians: dict | None                    # name -> GPTQ (input Hessian), for --method gptq
+    seconds: float
+
+
+class Conversion:
+    """One model on its way into a GGUF, step by step: ``calibrate``, ``plan``,
+    ``quantize``, ``write``. ``convert`` runs them once; ``tools/ablation.py`` plans,
+    quantizes and writes several files from one calibration (``restore`` puts the
+    float weights back in between)."""
+
+    def __init__(self, cfg: ConvertConfig, model_ref: str | None = None):
+        from converters import converter_for
+        from hiq2gguf import model_io
+
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        self.source = model_io.resolve(model_ref)
+        _log(cfg, f"loading {self.source.path}")
+        self.model, self.tokenizer = model_io.load(self.source)
+        self.converter = converter_for(self.model.config)
+        self.shapes = check_shapes(self.model, self.converter)
+        add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
+        self.bos = self.tokenizer.bos_token_id if add_bos else None
+        self._float = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text_windows(self, text: str, n_windows: int | None = None) -> list[list[int]]:
+        return evaluate.text_windows(self.tokenize, text, self.cfg.eval_ctx,
+                                     n_windows or self.cfg.eval_windows, self.bos)
+
+    def restore(self) -> None:
+        """Float weights back into the model (after ``quantize``)."""
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.data.copy_(self._float[n])
+
+    def calibrate(self) -> Calibration:
+        from hiq2gguf.calibrate import collect_fisher, linear_weights
+
+        cfg, t0 = self.cfg, time.time()
+        windows = data.token_windows(self.tokenize(data.boolq_split("calibration")), cfg.calib_ctx,
+                                     cfg.calib_windows, self.bos)
+        params = linear_weights(self.model, self.converter.is_linear)
+        hessians = None
+        if cfg.method == "gptq":
+            fisher, hessians = collect_fisher(self.model, params, windows, cfg.progress, hessians=True)
+        else:
+            fisher = collect_fisher(self.model, params, windows, cfg.progress)
+        return Calibration(windows, fisher, hessians, time.time() - t0)
+
+    def plan(self, calib: Calibration, bpw: float | None = None,
+             strategy: str | None = None, ratio: RatioConfig | None = None) -> tuple[dict[str, HIQ2Type], dict]:
+        from hiq2gguf.calibrate import linear_weights
+
+        bpw = self.cfg.bpw if bpw is None else bpw
+        strategy = strategy or self.cfg.ratio_strategy
+        if strategy == "fixed":
+            plan = fixed_plan(self.shapes, bpw)
+            _log(self.cfg, f"every linear weight -> {next(iter(plan.values())).name}")
+            return plan, {"ratio_strategy": "fixed"}
+        t0 = time.time()
+        params = linear_weights(self.model, self.converter.is_linear)
+        plan, info = optimized_plan(self.model, params, calib.fisher, bpw, calib.windows,
+                                    self.converter.block_index, ratio or self.cfg.ratio, self.cfg.progress)
+        s = info["solver"]
+        _log(self.cfg, f"{info['estimator']} estimator, solver {s['method']}: {s['status']}, "
+                       f"objective {s['objective']:.4g}, gap {s['gap']:.2g}, {s['seconds']:.1f} s")
+        return plan, {"ratio_strategy": "optimized", **info, "plan_seconds": round(time.time() - t0, 1)}
+
+    def quantize_fn(self, calib: Calibration) -> Callable:
+        if self.cfg.method == "gptq":
+            return lambda name, w, n_high: calib.hessians[name].quantize(w, n_high, calib.fisher[name])
+        return lambda name, w, n_high: quantize_rtn(w, n_high, calib.fisher[name])
+
+    def quantize(self, plan: dict[str, HIQ2Type], calib: Calibration):
+        """Codes -> packed bytes; the torch model gets exactly the dequantized weights."""
+        return quantize_model(self.model, self.converter, plan, self.quantize_fn(calib), self.cfg.progress)
+
+    def write(self, out: Path, packed, stock, bpw: float | None = None) -> dict:
+        bpw = self.cfg.bpw if bpw is None else bpw
+        write_gguf(out, self.converter, self.model, self.source, self.tokenizer, packed, stock,
+                   {"ratio_strategy": self.cfg.ratio_strategy, "bpw_budget": float(bpw)})
+        return size_report(out, packed)
+
+
 def _log(cfg: ConvertConfig, msg: str) -> None:
     if cfg.progress:
         print(msg, flush=True)
@@ -59,90 +151,46 @@ def _log(cfg: ConvertConfig, msg: str) -> None:
 
 def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
             report_path: str | Path | None = None) -> dict:
-    from converters import converter_for
-    from hiq2gguf import model_io
-
     t_start = time.time()
-    torch.set_num_threads(cfg.threads)
     out = Path(out)
     if not math.isfinite(cfg.bpw):
         raise BudgetError(f"--bpw must be a number, got {cfg.bpw}")
-    fixed_ratio_type(cfg.bpw)               # fail on a bad budget before any heavy work
+    check_budget(cfg.bpw)                   # fail on a bad budget before any heavy work
     if cfg.ratio_strategy not in ("fixed", "optimized"):
         raise ValueError(f"unknown ratio strategy {cfg.ratio_strategy!r}")
-    source = model_io.resolve(model_ref)
-    _log(cfg, f"loading {source.path}")
-    model, tokenizer = model_io.load(source)
-    converter = converter_for(model.config)
-    shapes = check_shapes(model, converter)
-    _log(cfg, f"{len(shapes)} linear weights, budget {cfg.bpw:g} bits per weight, "
+    if cfg.ratio_strategy == "optimized" and cfg.ratio.ratios:
+        parse_ratios(cfg.ratio.ratios)
+    conv = Conversion(cfg, model_ref)
+    _log(cfg, f"{len(conv.shapes)} linear weights, budget {cfg.bpw:g} bits per weight, "
               f"{cfg.ratio_strategy} ratios, {cfg.method}")
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    add_bos = bool(getattr(tokenizer, "add_bos_token", False))
-    bos = tokenizer.bos_token_id if add_bos else None
-    report: dict = {"model": str(source.path), "config": asdict(cfg)}
+    report: dict = {"model": str(conv.source.path), "config": asdict(cfg)}
 
     eval_windows = None
     if cfg.evaluate:
-        eval_windows = evaluate.text_windows(tokenize, cfg.eval_text, cfg.eval_ctx, cfg.eval_windows, bos)
-        ref = evaluate.ppl_torch(model, eval_windows, cfg.progress, "ppl reference")
+        eval_windows = conv.text_windows(cfg.eval_text)
+        ref = evaluate.ppl_torch(conv.model, eval_windows, cfg.progress, "ppl reference")
         report["ppl"] = {"reference": ref.ppl}
         _log(cfg, f"reference ppl {ref.ppl:.4f}")
 
-    # 1. calibrate
+    calib = conv.calibrate()
+    report["calibration"] = {"text": "boolq/calibration", "windows": len(calib.windows),
+                             "ctx": cfg.calib_ctx, "seconds": round(calib.seconds, 1)}
+    plan, info = conv.plan(calib)
+    report.update(info)
+
     t0 = time.time()
-    calib = data.token_windows(tokenize(data.boolq_split("calibration")), cfg.calib_ctx,
-                               cfg.calib_windows, bos)
-    from hiq2gguf.calibrate import collect_fisher, linear_weights
-    params = linear_weights(model, converter.is_linear)
-    if cfg.method == "gptq":
-        fisher, hessians = collect_fisher(model, params, calib, cfg.progress, hessians=True)
-
-        def quantize_fn(name, w, n_high):
-            return hessians.pop(name).quantize(w, n_high, fisher[name])
-    else:
-        fisher = collect_fisher(model, params, calib, cfg.progress)
-
-        def quantize_fn(name, w, n_high):
-            return quantize_rtn(w, n_high, fisher[name])
-    report["calibration"] = {"text": "boolq/calibration", "windows": len(calib),
-                             "ctx": cfg.calib_ctx, "seconds": round(time.time() - t0, 1)}
-
-    # 2. ratios per layer
-    if cfg.ratio_strategy == "optimized":
-        t0 = time.time()
-        plan, report["solver"] = optimized_plan(model, params, fisher, cfg.bpw, calib, progress=cfg.progress)
-        report["estimator"] = "gradient"
-        report["plan_seconds"] = round(time.time() - t0, 1)
-        s = report["solver"]
-        _log(cfg, f"solver {s['method']}: {s['status']}, objective {s['objective']:.4g}, gap {s['gap']:.2g}")
-    else:
-        plan = fixed_plan(shapes, cfg.bpw)
-        _log(cfg, f"every linear weight -> {next(iter(plan.values())).name}")
-    report["ratio_strategy"] = cfg.ratio_strategy
-
-    # 3. quantize (codes -> packed bytes; the torch model gets the exact dequantized weights)
-    t0 = time.time()
-    packed, stock = quantize_model(model, converter, plan, quantize_fn, cfg.progress)
+    packed, stock = conv.quantize(plan, calib)
     report["method"] = cfg.method
     report["quantize_seconds"] = round(time.time() - t0, 1)
 
-    # 4. write
-    write_gguf(out, converter, model, source, tokenizer, packed, stock,
-               {"ratio_strategy": cfg.ratio_strategy, "bpw_budget": float(cfg.bpw)})
-    report.update(size_report(out, packed))
+    report.update(conv.write(out, packed, stock))
     report["output"] = str(out)
     _log(cfg, f"wrote {out}: bpw {report['bpw']:.4f} (linear weights), file_bpw {report['file_bpw']:.4f}")
 
-    # 5. evaluate the same windows through PyTorch (fake-quant) and llama.cpp (the file)
+    # the same windows through PyTorch (fake-quant) and llama.cpp (the file)
     if cfg.evaluate:
-        report["ppl"]["torch"] = evaluate.ppl_torch(model, eval_windows, cfg.progress, "ppl torch").ppl
-        from hiq2gguf import llama
-        with llama.open_model(out, n_ctx=cfg.eval_ctx, logits_all=True, n_threads=cfg.threads) as llm:
-            report["ppl"]["llamacpp"] = evaluate.ppl_llama(llm, eval_windows, cfg.progress).ppl
+        report["ppl"]["torch"] = evaluate.ppl_torch(conv.model, eval_windows, cfg.progress, "ppl torch").ppl
+        report["ppl"]["llamacpp"] = ppl_file(out, eval_windows, cfg)
         report["ppl"]["text"] = cfg.eval_text
         report["ppl"]["windows"] = len(eval_windows)
         report["ppl"]["ctx"] = cfg.eval_ctx
@@ -154,7 +202,15 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     report["seconds"] = round(time.time() - t_start, 1)
     if report_path:
         write_report(report, report_path)
+        plot_ratios(report, Path(report_path).with_suffix(".png"))
     return report
+
+
+def ppl_file(path: Path, windows: list[list[int]], cfg: ConvertConfig) -> float:
+    from hiq2gguf import llama
+
+    with llama.open_model(path, n_ctx=cfg.eval_ctx, logits_all=True, n_threads=cfg.threads) as llm:
+        return evaluate.ppl_llama(llm, windows, cfg.progress).ppl
 
 
 def quantize_model(model, converter, plan: dict[str, HIQ2Type], quantize_fn: Callable | None = None,
@@ -206,3 +262,35 @@ def size_report(path: Path, packed: dict[str, PackedTensor]) -> dict:
 def write_report(report: dict, path: str | Path) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
+
+
+def plot_ratios(report: dict, path: Path) -> None:
+    """PNG: ratio of high groups per transformer block, one line per projection type."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for t in report["tensors"]:
+        if t["ratio"] is None:
+            continue
+        parts = t["name"].split(".")           # blk.N.attn_q.weight
+        if len(parts) < 3 or parts[0] != "blk":
+            continue
+        series.setdefault(parts[2], []).append((int(parts[1]), t["ratio"]))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for kind, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=kind)
+    ax.set_xlabel("transformer block")
+    ax.set_ylabel("ratio of 4-bit channel groups")
+    solver = report.get("solver", {})
+    ax.set_title(f"{report.get('ratio_strategy', '')} ratios, {report.get('estimator', '')} estimator, "
+                 f"bpw {report['bpw']:.3f} (budget {report['config']['bpw']:g})"
+                 + (f", {solver['status']}" if solver else ""))
+    ax.legend(ncol=4, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -97,16 +97,19 @@ def _base_model(p: RatioProblem):
     return m
 
 
-def _solve_milp(m, time_limit: float):
+def _solve_milp(m, time_limit: float, mip_gap: float = 1e-7):
     from pyomo.contrib.appsi.solvers import Highs
 
     solver = Highs()
     solver.config.time_limit = time_limit
-    solver.config.mip_gap = 1e-7
+    solver.config.mip_gap = mip_gap
     solver.config.load_solution = False
     res = solver.solve(m)
     if "infeasible" in res.termination_condition.name.lower():
         return None, res
+    if res.best_feasible_objective is None:
+        raise TimeoutError(f"HiGHS found no feasible choice within {time_limit:.0f} s "
+                           f"({res.termination_condition.name})")
     res.solution_loader.load_vars()
     return res, res
 
@@ -123,7 +126,7 @@ def _layer_of(p: RatioProblem) -> np.ndarray:
     return np.repeat(np.arange(len(p.bits)), [len(b) for b in p.bits])
 
 
-def solve_linearized(p: RatioProblem, time_limit: float = 600) -> Solution:
+def solve_linearized(p: RatioProblem, time_limit: float = 300) -> Solution:
     import pyomo.environ as pyo
 
     t0 = time.time()
@@ -149,19 +152,24 @@ def solve_linearized(p: RatioProblem, time_limit: float = 600) -> Solution:
     obj = p.objective(choice)
     bound = raw.best_objective_bound
     gap = _gap(obj, bound)
-    return Solution(choice, obj, raw.termination_condition.name, gap, time.time() - t0, "linearized",
+    status = {"optimal": "optimal", "maxTimeLimit": "time limit"}.get(raw.termination_condition.name,
+                                                                     raw.termination_condition.name)
+    return Solution(choice, obj, status, gap, time.time() - t0, "linearized",
                     bits=p.total_bits(choice))
 
 
-def solve_outer_approximation(p: RatioProblem, tol: float = 1e-6, max_iter: int = 200,
-                              time_limit: float = 600) -> Solution:
+def solve_outer_approximation(p: RatioProblem, tol: float = 1e-4, max_iter: int = 200,
+                              time_limit: float = 300, grid: int = 8) -> Solution:
     """Outer approximation for a positive semi-definite M.
 
     M = P^T P (eigen-factor, rank r) makes f(d) = 1/2 d^T M d = sum_k 1/2 u_k^2 with
     u_k = P_k . d: a sum of one-dimensional parabolas. Each iteration solves the MILP
     min sum_k eta_k over the tangents collected so far (eta_k >= a u_k - a^2/2 at each
-    visited a = u_k), whose optimum is a lower bound, and adds the tangents at its
-    solution; it stops when the best visited point meets the bound.
+    point a), whose optimum is a lower bound, and adds the tangents at its solution;
+    it stops when the best visited point meets the bound (relative ``tol``) or at
+    ``time_limit`` seconds with the best point and its proven gap. The first MILP
+    already has ``grid`` tangents per parabola spread over the range u_k can take,
+    so it starts from a piecewise-linear model, not from eta >= 0.
     """
     import pyomo.environ as pyo
 
@@ -182,6 +190,16 @@ def solve_outer_approximation(p: RatioProblem, tol: float = 1e-6, max_iter: int 
                                                                  for i in m.I if P[k, i] != 0))
     m.obj = pyo.Objective(expr=sum(m.eta[k] for k in m.K))
     m.cuts = pyo.ConstraintList()
+    # range of each u_k over all choices: per layer the smallest / largest coefficient
+    lo = np.zeros(P.shape[0])
+    hi = np.zeros(P.shape[0])
+    for l, b in enumerate(p.bits):
+        blk = P[:, p.index(l, 0):p.index(l, 0) + len(b)]
+        lo += blk.min(axis=1)
+        hi += blk.max(axis=1)
+    for k in range(P.shape[0]):
+        for a in np.linspace(lo[k], hi[k], grid):
+            m.cuts.add(m.eta[k] >= float(a) * m.u[k] - 0.5 * float(a) ** 2)
     best, best_f, lower, log = None, np.inf, 0.0, []
 
     def converged() -> bool:
@@ -189,10 +207,15 @@ def solve_outer_approximation(p: RatioProblem, tol: float = 1e-6, max_iter: int 
 
     it = 0
     for it in range(1, max_iter + 1):
-        res, raw = _solve_milp(m, max(1.0, time_limit - (time.time() - t0)))
+        left = time_limit - (time.time() - t0)
+        if left <= 0:
+            break
+        res, raw = _solve_milp(m, left, mip_gap=tol / 10)
         if res is None:
             _raise_infeasible(p)
-        lower = max(lower, raw.best_objective_bound)
+        bound = raw.best_objective_bound
+        if bound is not None and np.isfinite(bound):
+            lower = max(lower, bound)
         choice = _choice_from(m, p)
         u = P @ p.one_hot(choice)
         f = 0.5 * float(u @ u)
@@ -203,7 +226,8 @@ def solve_outer_approximation(p: RatioProblem, tol: float = 1e-6, max_iter: int 
             break
         for k, a in enumerate(u):
             m.cuts.add(m.eta[k] >= float(a) * m.u[k] - 0.5 * float(a) ** 2)
-    status = "optimal" if converged() else "iteration limit"
+    status = "optimal" if converged() else ("time limit" if time.time() - t0 >= time_limit
+                                            else "iteration limit")
     return Solution(best, p.objective(best), status, _gap(best_f, lower), time.time() - t0, "outer", it,
                     bits=p.total_bits(best), log=log)
 

@@ -3,11 +3,13 @@ chosen by the quadratic loss model under the bits budget."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 
 import torch
 
-from hiq2gguf.formats import BLOCK, HIQ2_TYPES, HIQ2Type, max_bpw, min_bpw
-from hiq2gguf.optimize import InfeasibleBudget, RatioProblem, solve
+from hiq2gguf.formats import BLOCK, HIQ2_TYPES, FormatError, HIQ2Type, get_type, max_bpw, min_bpw
+from hiq2gguf.optimize import RatioProblem, solve
 from hiq2gguf.quantize import RTNConfig, dequantize_torch, quantize_rtn
 
 # Candidate perturbations only need to be representative, not the final rounding:
@@ -62,30 +64,109 @@ def candidate_perturbations(params, fisher, types: dict[str, list[HIQ2Type]],
     return out
 
 
-def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[str, torch.Tensor],
-                   bpw: float, windows: list[list[int]], candidates: list[HIQ2Type] | None = None,
-                   method: str = "auto", progress: bool = True) -> tuple[dict[str, HIQ2Type], dict]:
-    """Per-layer types minimizing 1/2 d^T M d (gradient-projection M) under the budget."""
-    from hiq2gguf.sensitivity import gradient_projection_matrix
+@dataclass
+class RatioConfig:
+    """How per-layer ratios are chosen (``ratio_strategy="optimized"``)."""
 
-    cands = candidates or candidate_types(bpw)
+    estimator: str = "gradient"          # gradient | loss (see sensitivity.py)
+    ratios: str | None = None            # candidate members, e.g. "H0,H2,H4" or "0,0.25,0.5";
+                                         # default: every member within 1 bpw of the budget
+    loss_windows: int = 2                # loss estimator: calibration windows it evaluates ...
+    loss_ctx: int = 256                  # ... cut to this many tokens (it runs thousands of passes)
+    pairs: str = "extreme"               # loss estimator: same-block pairs at "extreme" or "all" candidates
+    solver: str = "auto"                 # auto | linearized | outer
+    time_limit: float = 300.0            # seconds for HiGHS; past it: best choice found and its gap
+    cache: bool = True                   # keep M (and partial estimates) in the cache dir
+
+
+def parse_ratios(spec: str) -> list[HIQ2Type]:
+    """``"H0,H2,HIQ2_H4"`` or ratios of high groups ``"0,0.25,0.5"`` -> family members."""
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name = item.upper()
+        if not name.startswith("HIQ2_") and name.startswith("H"):
+            name = "HIQ2_" + name
+        if name.startswith("HIQ2_"):
+            try:
+                t = get_type(name)
+            except FormatError:
+                raise BudgetError(f"--ratios: unknown member {item!r} (HIQ2_H0 .. HIQ2_H8)") from None
+        else:
+            try:
+                r = float(item)
+            except ValueError:
+                raise BudgetError(f"--ratios: {item!r} is neither a member (H0..H8) nor a ratio") from None
+            n_high = r * 8
+            if abs(n_high - round(n_high)) > 1e-6 or not 0 <= n_high <= 8:
+                raise BudgetError(f"--ratios: {item} is not a storable ratio (multiples of 1/8 from 0 to 1)")
+            t = next(t for t in HIQ2_TYPES.values() if t.n_high == round(n_high))
+        if t not in out:
+            out.append(t)
+    if not out:
+        raise BudgetError("--ratios: no candidates given")
+    return sorted(out, key=lambda t: t.n_high)
+
+
+def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[str, torch.Tensor],
+                   bpw: float, windows: list[list[int]], block_of=None, cfg: RatioConfig = RatioConfig(),
+                   progress: bool = True) -> tuple[dict[str, HIQ2Type], dict]:
+    """Per-layer types minimizing 1/2 d^T M d under the budget; ``info`` describes the
+    estimator and the solver run."""
+    from hiq2gguf.runtime import cache_dir
+    from hiq2gguf.sensitivity import ESTIMATORS, Checkpoint, cache_key
+
+    if cfg.estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {cfg.estimator!r} (choose from {', '.join(ESTIMATORS)})")
+    cands = parse_ratios(cfg.ratios) if cfg.ratios else candidate_types(bpw)
     names = list(params)
-    deltas = candidate_perturbations(params, fisher, {n: cands for n in names}, progress)
-    M = gradient_projection_matrix(model, params, deltas, windows, progress)
-    del deltas
     shapes = {n: tuple(params[n].shape) for n in names}
     elements = sum(s[0] * s[1] for s in shapes.values())
-    problem = RatioProblem(bits=[[layer_bits(shapes[n], t) for t in cands] for n in names], M=M,
-                           budget_bits=bpw * elements)
-    try:
-        sol = solve(problem, method)
-    except InfeasibleBudget:
-        lo, hi = (x / elements for x in problem.bits_range())
-        raise BudgetError(f"--bpw {bpw:g} is infeasible with candidates "
-                          f"{', '.join(t.name for t in cands)}: achievable {lo:.4f} .. {hi:.4f}") from None
+    bits = [[layer_bits(shapes[n], t) for t in cands] for n in names]
+    lo, hi = (sum(f(b) for b in bits) / elements for f in (min, max))
+    if bpw * elements < sum(min(b) for b in bits):
+        raise BudgetError(f"--bpw {bpw:g} is infeasible with candidates {', '.join(t.name for t in cands)}: "
+                          f"the smallest achievable is {lo:.4f}, the largest {hi:.4f}")
+
+    if cfg.estimator == "loss":
+        est_windows = [w[:cfg.loss_ctx] for w in windows[:cfg.loss_windows]]
+        settings = {"loss_ctx": cfg.loss_ctx, "pairs": cfg.pairs}
+    else:
+        est_windows, settings = windows, {}
+    settings.update(estimator=cfg.estimator, candidates=tuple(t.name for t in cands), rtn=repr(ESTIMATE_RTN))
+    key = cache_key(params, est_windows, settings)
+    path = cache_dir() / "sensitivity" / f"{cfg.estimator}-{key}.npz"
+    ckpt = Checkpoint(path if cfg.cache else None)
+    t0 = time.time()
+    M = ckpt.get("M")
+    resumed = M is not None or bool(ckpt.arrays)
+    if M is None:
+        deltas = candidate_perturbations(params, fisher, {n: cands for n in names}, progress)
+        est = ESTIMATORS[cfg.estimator](model, params, deltas, block_of=block_of, progress=progress,
+                                        **({"pairs": cfg.pairs} if cfg.estimator == "loss" else {}))
+        M = est.estimate(est_windows, ckpt)
+        del deltas
+        ckpt.save(M=M)
+    est_seconds = time.time() - t0
+
+    problem = RatioProblem(bits=bits, M=M, budget_bits=bpw * elements)
+    sol = solve(problem, cfg.solver, time_limit=cfg.time_limit)
     plan = {n: cands[c] for n, c in zip(names, sol.choice)}
-    info = {"name": "highs", "method": sol.method, "status": sol.status, "objective": sol.objective,
-            "gap": sol.gap, "seconds": round(sol.seconds, 2), "iterations": sol.iterations,
-            "candidates": [t.name for t in cands], "estimator": "gradient",
-            "predicted_loss_increase": sol.objective}
+    info = {
+        "solver": {"name": "highs", "method": sol.method, "status": sol.status, "objective": sol.objective,
+                   "gap": sol.gap, "seconds": round(sol.seconds, 2), "iterations": sol.iterations},
+        "estimator": cfg.estimator,
+        "estimator_seconds": round(est_seconds, 1),
+        "estimator_cache": {"path": str(path) if cfg.cache else None, "resumed": resumed},
+        "candidates": [t.name for t in cands],
+        "predicted_loss_increase": sol.objective,
+        "predicted_loss_increase_fixed": _fixed_prediction(problem, cands, bpw),
+    }
     return plan, info
+
+
+def _fixed_prediction(problem: RatioProblem, cands: list[HIQ2Type], bpw: float) -> float | None:
+    """The loss model's prediction for the fixed-ratio plan, if it is among the candidates."""
+    t = fixed_ratio_type(bpw)
+    if t not in cands:
+        return None
+    return problem.objective([cands.index(t)] * len(problem.bits))

@@ -1,37 +1,112 @@
-"""Sensitivity matrix M of the quadratic loss model, gradient-projection estimator
-(method.md s.6).
+"""Sensitivity matrix M of the quadratic loss model dL ~ 1/2 d^T M d, two estimators
+behind one interface (``ESTIMATORS[name](...).estimate(windows, checkpoint)``).
 
-With per-sample gradients g(s) and each candidate's perturbation
-Delta_(l,m) = Q_m(W_l) - W_l, the empirical Fisher gives
+Both see the candidate perturbations Delta_(l,m) = Q_m(W_l) - W_l of every linear
+weight l and candidate type m, and fill M over the flattened (layer, candidate)
+index.
 
-    M_(l,m),(k,n) = mean_s <g_l(s), Delta_(l,m)> <g_k(s), Delta_(k,n)>,
+- ``gradient`` (method.md s.6): with per-sequence gradients g(s),
+  M_(l,m),(k,n) = mean_s <g_l(s), Delta_(l,m)> <g_k(s), Delta_(k,n)>:
+  one backward pass per calibration sequence, every cross-layer term included,
+  M = P^T P / S positive semi-definite.
+- ``loss`` (the paper's, method.md s.2): loss differences on calibration text.
+  M_ii = 2 [L(theta + Delta_i) - L(theta)] from quantizing one layer at one
+  candidate; for two layers of the same transformer block the cross term is
+  M_ij = dL(i and j) - dL(i) - dL(j) (polarization); zero across blocks.
 
-one backward pass per calibration sequence and one dot product per (layer,
-candidate), with every cross-layer term included. M = P^T P / S is a sum of
-squares, hence positive semi-definite.
+Both are long: their partial state goes to a checkpoint file after every step,
+so a killed run resumes where it stopped and gives the same M.
 """
 
 from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 
+class Checkpoint:
+    """Named numpy arrays in one ``.npz`` file, rewritten atomically (write + rename),
+    so the file on disk is always a complete earlier state."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        self.arrays: dict[str, np.ndarray] = {}
+        if self.path and self.path.exists():
+            with np.load(self.path) as f:
+                self.arrays = {k: f[k] for k in f.files}
+
+    def get(self, name: str, default=None):
+        return self.arrays.get(name, default)
+
+    def save(self, **arrays: np.ndarray) -> None:
+        self.arrays.update(arrays)
+        if not self.path:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
+        with open(tmp, "wb") as f:
+            np.savez(f, **self.arrays)
+        os.replace(tmp, self.path)
+
+
+def cache_key(params: dict[str, torch.Tensor], windows: list[list[int]], settings: dict) -> str:
+    """What M depends on: the weights, the calibration tokens and the estimator settings
+    (candidate types, quantizer, estimator parameters)."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].detach().to(torch.float32).contiguous().numpy().tobytes())
+    h.update(np.asarray([x for w in windows for x in w] + [len(windows)], dtype=np.int64).tobytes())
+    h.update(repr(sorted(settings.items())).encode())
+    return h.hexdigest()[:24]
+
+
+class _Perturbed:
+    """Context manager: weights get ``W + Delta`` inside, their exact old values after."""
+
+    def __init__(self, params, changes: list[tuple[str, torch.Tensor]]):
+        self.params, self.changes, self.saved = params, changes, []
+
+    def __enter__(self):
+        with torch.no_grad():
+            for name, delta in self.changes:
+                p = self.params[name]
+                self.saved.append((p, p.data.clone()))
+                p.data.add_(delta.to(p.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, old in self.saved:
+                p.data.copy_(old)
+        return False
+
+
 class GradientProjection:
     """``deltas[name]``: list of candidate perturbations of that weight (any float dtype)."""
 
-    def __init__(self, model, params: dict[str, torch.nn.Parameter], deltas: dict[str, list[torch.Tensor]]):
+    name = "gradient"
+
+    def __init__(self, model, params: dict[str, torch.nn.Parameter], deltas: dict[str, list[torch.Tensor]],
+                 block_of=None, progress: bool = True):
         self.model = model
         self.params = params
         self.names = list(deltas)
         self.deltas = deltas
+        self.progress = progress
         self.rows: list[np.ndarray] = []
 
     def add_batch(self, input_ids: torch.Tensor) -> None:
         for p in self.model.parameters():
             p.grad = None
-        out = self.model(input_ids=input_ids, labels=input_ids)
+        out = self.model(input_ids=input_ids, labels=input_ids, use_cache=False)
         out.loss.backward()
         row = []
         for name in self.names:
@@ -45,17 +120,168 @@ class GradientProjection:
         P = np.stack(self.rows)
         return P.T @ P / len(self.rows)
 
+    def estimate(self, windows: list[list[int]], checkpoint: Checkpoint | None = None) -> np.ndarray:
+        checkpoint = checkpoint or Checkpoint(None)
+        done = checkpoint.get("rows")
+        self.rows = list(done) if done is not None else []
+        saved = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        tracked = {id(self.params[n]) for n in self.names}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in tracked)
+        try:
+            bar = tqdm(windows, desc="sensitivity (gradient)", unit="seq", disable=not self.progress,
+                       initial=len(self.rows), total=len(windows))
+            for w in windows[len(self.rows):]:
+                self.add_batch(torch.tensor([w]))
+                checkpoint.save(rows=np.stack(self.rows))
+                bar.update()
+            bar.close()
+        finally:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(saved[n])
+        return self.matrix()
+
+
+class BlockInputs:
+    """Loss of the calibration windows evaluated from transformer block ``b`` on, with
+    the inputs of every block captured once from the unperturbed model: perturbing
+    a weight of block b leaves blocks before it unchanged, so each loss evaluation
+    costs only the blocks from b to the end (on average half a forward pass).
+
+    Works for models laid out as ``model.model.layers`` / ``model.model.norm`` /
+    ``model.lm_head`` (the LLaMA family); other layouts fall back to full passes.
+    """
+
+    def __init__(self, model, windows: list[list[int]]):
+        self.model = model
+        if len({len(w) for w in windows}) != 1:
+            raise ValueError("loss windows must all have the same length")
+        self.ids = torch.tensor(windows)
+        inner = getattr(model, "model", None)
+        self.layers = getattr(inner, "layers", None)
+        self.suffix = (self.layers is not None and hasattr(inner, "norm") and hasattr(model, "lm_head")
+                       and not getattr(model.config, "final_logit_softcapping", None))
+        self.inputs: list[tuple[torch.Tensor, dict]] = []
+        if self.suffix:
+            hooks = [layer.register_forward_pre_hook(self._capture, with_kwargs=True) for layer in self.layers]
+            try:
+                with torch.no_grad():
+                    model(input_ids=self.ids, use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+
+    def _capture(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        self.inputs.append((hidden.detach(), rest))
+
+    @torch.no_grad()
+    def loss(self, block: int = 0) -> float:
+        labels = self.ids[:, 1:]
+        if not self.suffix:
+            return float(self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss)
+        h, kwargs = self.inputs[block]
+        for layer in self.layers[block:]:
+            h = layer(h, **kwargs)
+            h = h[0] if isinstance(h, tuple) else h
+        logits = self.model.lm_head(self.model.model.norm(h))[:, :-1]
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                       labels.reshape(-1)))
+
+
+class LossDifference:
+    """The paper's estimator. ``pairs="extreme"`` (default) measures each same-block pair of
+    layers once, both at their first candidate (the largest perturbation), and scales
+    that cross term to the other candidate pairs by the square roots of the diagonal
+    entries (a correlation per layer pair); ``pairs="all"`` measures every candidate
+    pair, |candidates|^2 times the cost. ``block_of(name)`` gives a layer's block."""
+
+    name = "loss"
+
+    def __init__(self, model, params, deltas: dict[str, list[torch.Tensor]], block_of,
+                 pairs: str = "extreme", progress: bool = True):
+        if pairs not in ("extreme", "all"):
+            raise ValueError(f"pairs must be 'extreme' or 'all', got {pairs!r}")
+        self.model, self.params, self.deltas, self.pairs, self.progress = model, params, deltas, pairs, progress
+        self.names = list(deltas)
+        self.n_cand = [len(deltas[n]) for n in self.names]
+        self.offsets = list(itertools.accumulate([0] + self.n_cand))[:-1]
+        self.block = [block_of(n) for n in self.names]
+
+    def _pair_jobs(self) -> list[tuple[int, int, int, int]]:
+        """(layer a, cand m, layer b, cand n) with a < b in the same block."""
+        jobs = []
+        for a, b in itertools.combinations(range(len(self.names)), 2):
+            if self.block[a] is None or self.block[a] != self.block[b]:
+                continue
+            cands = (itertools.product(range(self.n_cand[a]), range(self.n_cand[b]))
+                     if self.pairs == "all" else [(0, 0)])
+            jobs += [(a, m, b, n) for m, n in cands]
+        return jobs
+
+    def estimate(self, windows: list[list[int]], checkpoint: Checkpoint | None = None) -> np.ndarray:
+        checkpoint = checkpoint or Checkpoint(None)
+        n = sum(self.n_cand)
+        single = checkpoint.get("single", np.full(n, np.nan))
+        jobs = self._pair_jobs()
+        joint = checkpoint.get("joint", np.full(len(jobs), np.nan))
+        runner = BlockInputs(self.model, windows)
+        base = float(checkpoint.get("base", runner.loss()))
+        todo = int(np.isnan(single).sum() + np.isnan(joint).sum())
+        bar = tqdm(total=n + len(jobs), initial=n + len(jobs) - todo, desc="sensitivity (loss)",
+                   unit="eval", disable=not self.progress)
+        last_save = time.time()
+
+        def first_block(*layers: int) -> int:
+            blocks = [self.block[a] for a in layers]
+            return 0 if None in blocks else min(blocks)
+
+        for a, name in enumerate(self.names):
+            for m in range(self.n_cand[a]):
+                i = self.offsets[a] + m
+                if np.isnan(single[i]):
+                    with _Perturbed(self.params, [(name, self.deltas[name][m])]):
+                        single[i] = runner.loss(first_block(a)) - base
+                    bar.update()
+                    if time.time() - last_save > 20:
+                        checkpoint.save(base=np.float64(base), single=single, joint=joint)
+                        last_save = time.time()
+        for j, (a, m, b, nn) in enumerate(jobs):
+            if np.isnan(joint[j]):
+                with _Perturbed(self.params, [(self.names[a], self.deltas[self.names[a]][m]),
+                                              (self.names[b], self.deltas[self.names[b]][nn])]):
+                    joint[j] = runner.loss(first_block(a, b)) - base
+                bar.update()
+                if time.time() - last_save > 20:
+                    checkpoint.save(base=np.float64(base), single=single, joint=joint)
+                    last_save = time.time()
+        bar.close()
+        checkpoint.save(base=np.float64(base), single=single, joint=joint)
+        return self.matrix(single, jobs, joint)
+
+    def matrix(self, single: np.ndarray, jobs, joint: np.ndarray) -> np.ndarray:
+        M = np.diag(2.0 * single)
+        scale = np.sqrt(np.clip(2.0 * single, 0, None))
+        for (a, m, b, n), dl in zip(jobs, joint):
+            i, k = self.offsets[a] + m, self.offsets[b] + n
+            cross = dl - single[i] - single[k]
+            if self.pairs == "all":
+                M[i, k] = M[k, i] = cross
+                continue
+            if scale[i] == 0 or scale[k] == 0:
+                continue
+            rho = cross / (scale[i] * scale[k])
+            ia = slice(self.offsets[a], self.offsets[a] + self.n_cand[a])
+            kb = slice(self.offsets[b], self.offsets[b] + self.n_cand[b])
+            block = rho * np.outer(scale[ia], scale[kb])
+            M[ia, kb] = block
+            M[kb, ia] = block.T
+        return M
+
+
+ESTIMATORS = {cls.name: cls for cls in (GradientProjection, LossDifference)}
+
 
 def gradient_projection_matrix(model, params, deltas, windows, progress: bool = True) -> np.ndarray:
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    tracked = {id(params[n]) for n in deltas}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in tracked)
-    est = GradientProjection(model, params, deltas)
-    try:
-        for w in tqdm(windows, desc="sensitivity", unit="seq", disable=not progress):
-            est.add_batch(torch.tensor([w]))
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-    return est.matrix()
+    return GradientProjection(model, params, deltas, progress=progress).estimate(windows)
