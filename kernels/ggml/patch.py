@@ -56,6 +56,7 @@ def _enum_lines() -> str:
 
 
 HIQ2_CASES = f"        GGML_HIQ2_CASES // {MARK}\n"
+HIQ2_TYPE_LIST = ("    " + ", ".join(f"GGML_TYPE_HIQ2_H{h}" for h in N_HIGH) + f", // {MARK}\n")
 
 EDITS: dict[str, list[Edit]] = {
     "ggml/include/ggml.h": [
@@ -113,7 +114,9 @@ EDITS: dict[str, list[Edit]] = {
         Edit("    if (Ctype != GGML_TYPE_F32)\n        return false;\n\n    switch (Atype) {\n",
              "    if (Ctype != GGML_TYPE_F32)\n        return false;\n\n"
              f"    if (ggml_is_hiq2_type((enum ggml_type) Atype)) {{ // {MARK}\n"
-             "        return Btype == GGML_TYPE_Q8_0 &&\n"
+             "        // the CPU backend's reference mode (test-backend-ops compares against it)\n"
+             "        // takes ggml's vec_dot loop instead of the HIQ2 GEMM\n"
+             "        return Btype == GGML_TYPE_Q8_0 && !params->use_ref &&\n"
              "               ggml_hiq2_sgemm(params->threadpool, params->ith, params->nth, m, n, k, A, lda, B, ldb, (float *) C, ldc, Atype);\n"
              "    }\n\n"
              "    switch (Atype) {\n"),
@@ -132,6 +135,17 @@ EDITS: dict[str, list[Edit]] = {
         Edit("                : type == GGML_TYPE_TQ1_0 || type == GGML_TYPE_TQ2_0 || type == GGML_TYPE_Q2_0\n",
              "                : type == GGML_TYPE_TQ1_0 || type == GGML_TYPE_TQ2_0 || type == GGML_TYPE_Q2_0\n"
              f"                    || (type >= GGML_TYPE_HIQ2_H0 && type <= GGML_TYPE_HIQ2_H8) // {MARK}\n"),
+    ],
+    # llama.cpp's op tests: the family joins the type lists its quantized-type cases
+    # loop over (get_rows, set_rows, cpy, mul_mat, mul_mat_id, out_prod, ...)
+    "tests/test-backend-ops.cpp": [
+        Edit("    GGML_TYPE_IQ4_NL, GGML_TYPE_IQ3_S, GGML_TYPE_IQ4_XS,\n};\n\nstatic const ggml_type base_types[] = {\n",
+             "    GGML_TYPE_IQ4_NL, GGML_TYPE_IQ3_S, GGML_TYPE_IQ4_XS,\n" + HIQ2_TYPE_LIST +
+             "};\n\nstatic const ggml_type base_types[] = {\n"),
+        Edit("    GGML_TYPE_IQ2_XXS\n};\n\nstatic const ggml_type other_types[] = {\n",
+             "    GGML_TYPE_IQ2_XXS,\n" + HIQ2_TYPE_LIST + "};\n\nstatic const ggml_type other_types[] = {\n"),
+        Edit("    GGML_TYPE_BF16,\n};\n\n#ifdef _MSC_VER\n",
+             "    GGML_TYPE_BF16,\n" + HIQ2_TYPE_LIST + "};\n\n#ifdef _MSC_VER\n"),
     ],
     "ggml/src/CMakeLists.txt": [
         Edit("            ggml-quants.c\n            ggml-quants.h\n            gguf.cpp)\n",
