@@ -189,7 +189,10 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
 
     # the same windows through PyTorch (fake-quant) and llama.cpp (the file)
     if cfg.evaluate:
-        report["ppl"]["torch"] = evaluate.ppl_torch(conv.model, eval_windows, cfg.progress, "ppl torch").ppl
+        # with a GPU and Triton the linears multiply from the packed bytes (kernels/triton)
+        torch_model = evaluate.gpu_packed_model(conv.model, packed) or conv.model
+        report["ppl"]["torch"] = evaluate.ppl_torch(torch_model, eval_windows, cfg.progress, "ppl torch").ppl
+        report["ppl"]["torch_device"] = str(next(torch_model.parameters()).device)
         report["ppl"]["llamacpp"] = ppl_file(out, eval_windows, cfg)
         report["ppl"]["text"] = cfg.eval_text
         report["ppl"]["windows"] = len(eval_windows)

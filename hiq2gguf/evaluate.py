@@ -45,13 +45,28 @@ def _finish(total: float, count: int, n_windows: int) -> PPL:
 
 @torch.no_grad()
 def ppl_torch(model, windows: list[list[int]], progress: bool = True, desc: str = "ppl torch") -> PPL:
+    """On the device the model's parameters are on (the CPU unless moved)."""
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
-        logits = model(input_ids=torch.tensor([w])).logits[0].numpy()
+        logits = model(input_ids=torch.tensor([w], device=device)).logits[0].float().cpu().numpy()
         nll, n = _nll_second_half(logits, w)
         total += nll
         count += n
     return _finish(total, count, len(windows))
+
+
+def gpu_packed_model(model, packed: dict):
+    """With CUDA and Triton present: ``model`` moved to the GPU, its quantized linears
+    replaced (in place) by ``HIQ2Linear`` layers that multiply from the packed bytes
+    with the Triton kernels. Otherwise None, and the caller evaluates the
+    fake-quantized model on the CPU as before."""
+    from hiq2gguf.quantize import triton_kernels
+
+    if not torch.cuda.is_available() or triton_kernels() is None:
+        return None
+    from hiq2gguf.packed_linear import use_packed_linears
+    return use_packed_linears(model, packed).to("cuda")
 
 
 def ppl_llama(llm, windows: list[list[int]], progress: bool = True, desc: str = "ppl llama.cpp") -> PPL:

@@ -3,17 +3,21 @@
 A quantizer turns a float weight into ``formats.Codes``; packing is always
 done by the numpy reference in ``formats``. ``dequantize_torch`` is the
 PyTorch fake-quantization of those codes and equals the reference
-dequantization of the packed bytes bit for bit (tested).
+dequantization of the packed bytes bit for bit (tested). ``dequantize_packed``
+starts from the packed bytes instead and, on a CUDA tensor with Triton
+installed, runs the Triton kernel (kernels/triton), bit for bit the same values.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hiq2gguf.formats import BLOCK, GROUP, LOW_STEP, N_GROUPS, Codes, FormatError
+from hiq2gguf.formats import BLOCK, GROUP, LOW_STEP, N_GROUPS, Codes, FormatError, HIQ2Type
 
 # Candidate shrink factors for the block range [lo, hi]: RTN searches them and
 # keeps the one with the smallest importance-weighted squared error.
@@ -137,3 +141,27 @@ def dequantize_torch(codes: Codes) -> torch.Tensor:
     lv = torch.from_numpy(np.ascontiguousarray(codes.levels)).to(torch.int32)
     w = d[..., None] * (16 * lv - z[..., None]).to(torch.float32) / 16
     return w.reshape(w.shape[0], -1)
+
+
+@functools.cache
+def triton_kernels():
+    """The Triton kernels (``kernels.triton``) when ``triton`` is installed, else None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import kernels.triton
+    return kernels.triton
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether work on ``t`` goes to the Triton kernels: a CUDA tensor and Triton installed."""
+    return t.is_cuda and triton_kernels() is not None
+
+
+def dequantize_packed(raw: torch.Tensor, qtype: HIQ2Type) -> torch.Tensor:
+    """Packed bytes (uint8 [rows, row_bytes], as the file stores them) -> float32
+    [rows, cols] on ``raw``'s device: the Triton kernel on a GPU, else the numpy
+    unpacking and ``dequantize_torch`` (both bit for bit the reference)."""
+    if use_triton(raw):
+        return triton_kernels().dequantize(raw, qtype.n_high)
+    codes = qtype.unpack(raw.detach().cpu().numpy())
+    return dequantize_torch(codes).to(raw.device)

@@ -1,0 +1,182 @@
+"""Triton kernels for the HIQ2 type family over the packed bytes the GGUF file stores.
+
+``raw`` is always a uint8 tensor [rows, row_bytes]: row n holds K/64 blocks of
+``20 + 2H`` bytes laid out as docs/FORMAT.md says (fp16 d, u8 z, u8 mask,
+ql[16], qh[2H]). Nothing is repacked for the GPU: the same bytes serve llama.cpp
+and these kernels. hiq2gguf/formats.py is the reference they are tested against
+(tests/test_triton_kernels.py, with ``TRITON_INTERPRET=1`` on the CPU).
+
+- ``dequantize``: bytes -> float32 weights, bit for bit the reference values.
+- ``gemv`` / ``gemm``: ``x @ W^T`` straight from the bytes, W never materialized;
+  ``matmul`` picks one by the number of activation rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hiq2gguf.formats import BLOCK, FIRST_TYPE_ID, HEADER_BYTES, LOW_STEP, QL_BYTES, FormatError, get_type
+
+# jit code only sees globals declared constexpr
+_BLOCK = tl.constexpr(BLOCK)
+_QL = tl.constexpr(HEADER_BYTES)               # ql[16] follows the 4 header bytes
+_QH = tl.constexpr(HEADER_BYTES + QL_BYTES)    # qh[2H] follows ql
+_LOW_STEP = tl.constexpr(LOW_STEP)
+
+# Activation rows below which one program per (row, column tile) beats a tl.dot
+# tile padded to 16 rows. A guess: not tuned on a GPU yet.
+GEMV_MAX_ROWS = 8
+
+
+@triton.jit
+def _decode(raw, blk, i, valid, N_HIGH: tl.constexpr, TYPE_SIZE: tl.constexpr):
+    """Weights ``i`` (int32 [1, 64]) of the blocks ``blk`` (int64 [R, 1], counted from
+    the start of ``raw``) -> float32 [R, 64]; ``valid`` [R, 1] masks blocks past the end."""
+    base = raw + blk * TYPE_SIZE
+    d_lo = tl.load(base, mask=valid, other=0).to(tl.uint16)
+    d_hi = tl.load(base + 1, mask=valid, other=0).to(tl.uint16)
+    d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    z = tl.load(base + 2, mask=valid, other=0).to(tl.int32)
+    ql = tl.load(base + _QL + i % 16, mask=valid, other=0).to(tl.int32)
+    low2 = (ql >> (2 * (i // 16))) & 3
+    level = low2 * _LOW_STEP
+    if N_HIGH > 0:
+        mask = tl.load(base + 3, mask=valid, other=0).to(tl.int32)
+        g = i // 8
+        high = ((mask >> g) & 1) != 0
+        # a high group's qh pair sits at its rank among the high groups:
+        # popcount of the mask bits below g (shifted to the top of the byte)
+        r = (mask << (8 - g)) & 0xFF
+        r = r - ((r >> 1) & 0x55)
+        r = (r & 0x33) + ((r >> 2) & 0x33)
+        r = (r + (r >> 4)) & 0x0F
+        qh = tl.load(base + _QH + 2 * r + (i % 8) // 4, mask=valid & high, other=0).to(tl.int32)
+        up = (qh >> (2 * (i % 4))) & 3
+        level = tl.where(high, low2 | (up << 2), level)
+    # d * (16 L - z) is exact in float32 and * 1/16 is a power-of-two scaling, so
+    # this is the reference value whatever the hardware does (no add: no FMA).
+    return d * (16 * level - z).to(tl.float32) * 0.0625
+
+
+@triton.jit
+def _dequantize_kernel(raw, out, n_blocks, N_HIGH: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                       BLOCKS: tl.constexpr):
+    # every block describes itself, so the tensor is one flat run of blocks
+    blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
+    i = tl.arange(0, _BLOCK)[None, :]
+    valid = blk < n_blocks
+    w = _decode(raw, blk, i, valid, N_HIGH, TYPE_SIZE)
+    tl.store(out + blk * _BLOCK + i, w, mask=valid)
+
+
+@triton.jit
+def _gemv_kernel(x, raw, y, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
+                 TYPE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (column tile, activation row): y[m, n:n+BLOCK_N]
+    m = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+    i = tl.arange(0, _BLOCK)[None, :]
+    valid = n < N
+    nb = K // _BLOCK
+    acc = tl.zeros([BLOCK_N, _BLOCK], dtype=tl.float32)
+    for b in range(0, nb):
+        w = _decode(raw, n * nb + b, i, valid, N_HIGH, TYPE_SIZE)
+        xv = tl.load(x + m * stride_xm + b * _BLOCK + i).to(tl.float32)
+        acc += w * xv
+    out = tl.sum(acc, axis=1)
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(y + m * stride_ym + cols, out.to(y.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _gemm_kernel(x, raw, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
+                 TYPE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    # program (row tile, column tile): y[rm, rn], one 64-weight block of K per step
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i = tl.arange(0, _BLOCK)
+    nb = K // _BLOCK
+    row_ok = rm[:, None] < M
+    col_ok = rn[:, None] < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(0, nb):
+        xt = tl.load(x + rm[:, None] * stride_xm + b * _BLOCK + i[None, :], mask=row_ok, other=0.0)
+        w = _decode(raw, rn[:, None] * nb + b, i[None, :], col_ok, N_HIGH, TYPE_SIZE)
+        acc = tl.dot(xt, tl.trans(w).to(xt.dtype), acc, input_precision=PRECISION)
+    out = y + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(out, acc.to(y.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
+
+
+# ---- launchers ---------------------------------------------------------------
+def _check_raw(raw: torch.Tensor, n_high: int) -> tuple[int, int, int]:
+    """-> (rows N, columns K, type size); clear errors for bytes that are not HIQ2 rows."""
+    t = get_type(FIRST_TYPE_ID + int(n_high))
+    if raw.dtype != torch.uint8 or raw.ndim != 2:
+        raise FormatError(f"{t.name}: expected uint8 [rows, row_bytes], got {raw.dtype} {tuple(raw.shape)}")
+    if raw.shape[1] == 0 or raw.shape[1] % t.type_size:
+        raise FormatError(f"{t.name}: row bytes {raw.shape[1]} are not a whole number of "
+                          f"{t.type_size}-byte blocks")
+    if not raw.is_contiguous():
+        raise FormatError(f"{t.name}: packed bytes must be contiguous")
+    return raw.shape[0], raw.shape[1] // t.type_size * BLOCK, t.type_size
+
+
+def dequantize(raw: torch.Tensor, n_high: int, blocks_per_program: int = 16) -> torch.Tensor:
+    """uint8 [rows, row_bytes] of HIQ2_H{n_high} -> float32 [rows, cols] on raw's device."""
+    rows, cols, type_size = _check_raw(raw, n_high)
+    out = torch.empty((rows, cols), dtype=torch.float32, device=raw.device)
+    n_blocks = rows * cols // BLOCK
+    if n_blocks:
+        grid = (triton.cdiv(n_blocks, blocks_per_program),)
+        _dequantize_kernel[grid](raw, out, n_blocks, N_HIGH=n_high, TYPE_SIZE=type_size,
+                                 BLOCKS=blocks_per_program)
+    return out
+
+
+def _activations(x: torch.Tensor, raw: torch.Tensor, k: int) -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"activations have {x.shape[-1]} features, the weight has {k} columns")
+    if x.device != raw.device:
+        raise ValueError(f"activations on {x.device}, packed weight on {raw.device}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"activations must be float32, float16 or bfloat16, got {x.dtype}")
+    return x.reshape(-1, k).contiguous()
+
+
+def gemv(x: torch.Tensor, raw: torch.Tensor, n_high: int, block_n: int = 64) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N], one program per (activation row, ``block_n`` outputs)."""
+    n, k, type_size = _check_raw(raw, n_high)
+    x2 = _activations(x, raw, k)
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0] and n:
+        grid = (triton.cdiv(n, block_n), x2.shape[0])
+        _gemv_kernel[grid](x2, raw, y, n, k, x2.stride(0), y.stride(0), N_HIGH=n_high,
+                           TYPE_SIZE=type_size, BLOCK_N=block_n)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def gemm(x: torch.Tensor, raw: torch.Tensor, n_high: int, block_m: int = 64, block_n: int = 64,
+         precision: str = "ieee") -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] with tl.dot tiles (block_m, block_n >= 16).
+
+    float32 activations multiply in full float32 (``precision="ieee"``, like
+    torch's default, which has TF32 off); float16/bfloat16 activations round the
+    dequantized weights to their dtype and accumulate in float32.
+    """
+    n, k, type_size = _check_raw(raw, n_high)
+    x2 = _activations(x, raw, k)
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0] and n:
+        grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
+        _gemm_kernel[grid](x2, raw, y, x2.shape[0], n, k, x2.stride(0), y.stride(0), N_HIGH=n_high,
+                           TYPE_SIZE=type_size, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def matmul(x: torch.Tensor, raw: torch.Tensor, n_high: int) -> torch.Tensor:
+    """x [..., K] @ W^T from the packed bytes: GEMV for a few activation rows, else GEMM."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return gemv(x, raw, n_high) if rows < GEMV_MAX_ROWS else gemm(x, raw, n_high)

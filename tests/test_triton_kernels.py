@@ -1,0 +1,272 @@
+"""Triton kernels (kernels/triton) against the numpy reference, in the Triton
+interpreter on the CPU (``TRITON_INTERPRET=1``, set before triton is imported).
+
+Dequantization must reproduce the reference float32 bits. The matmuls sum in
+a different order than torch, so they are held to the float32 rounding bound
+of a K-term dot product: |y - y_ref| <= 2 K u (|x| @ |W|^T), u = 2^-24 (each of
+the two results is within K u of the exact sum), plus a float64 check.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from hiq2gguf import evaluate, quantize  # noqa: E402
+from hiq2gguf.formats import FIRST_TYPE_ID, N_GROUPS, FormatError, get_type  # noqa: E402
+from hiq2gguf.writer import PackedTensor  # noqa: E402
+from kernels.triton import dequantize, gemm, gemv, matmul  # noqa: E402
+
+MEMBERS = range(N_GROUPS + 1)
+U32 = 2.0 ** -24
+
+
+def random_raw(n_high: int, rows: int, n_blocks: int, seed: int) -> np.ndarray:
+    """Valid HIQ2 bytes with every field random: any code bits, a random mask of
+    popcount H, any zero point, and finite fp16 scales of every magnitude
+    (zero, subnormal, normal up to 65504; signed, which the formula allows)."""
+    t = get_type(FIRST_TYPE_ID + n_high)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, n_blocks, t.type_size), dtype=np.uint8)
+    bits = rng.integers(0, 1 << 16, size=(rows, n_blocks), dtype=np.uint32).astype(np.uint16)
+    d = bits.view(np.float16)
+    d = np.where(np.isfinite(d), d, np.float16(1.5))            # no inf/nan scales
+    d.flat[0] = 0.0
+    if d.size > 1:
+        d.flat[1] = np.float16(6e-8)                            # smallest subnormal
+    if d.size > 2:
+        d.flat[2] = np.float16(65504)                           # largest finite
+    blocks[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(rows, n_blocks, 2)
+    masks = np.zeros((rows, n_blocks), dtype=np.uint8)
+    for idx in np.ndindex(rows, n_blocks):
+        for g in rng.permutation(N_GROUPS)[:n_high]:
+            masks[idx] |= np.uint8(1 << g)
+    blocks[..., 3] = masks
+    blocks[0, 0, 2] = 255                                       # extreme zero points
+    if n_blocks > 1:
+        blocks[0, 1, 2] = 0
+    return blocks.reshape(rows, n_blocks * t.type_size)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype == np.float32 and a.shape == b.shape and np.array_equal(
+        a.view(np.uint32), b.view(np.uint32))
+
+
+def assert_dot_close(y: torch.Tensor, x: torch.Tensor, w_ref: np.ndarray):
+    """y (from the kernel) against torch's float32 matmul of the reference weights,
+    within the rounding bound of the module docstring, and against float64."""
+    w = torch.from_numpy(w_ref)
+    k = w.shape[1]
+    y32 = x.float() @ w.T
+    y64 = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    assert y.shape == y32.shape
+    assert torch.all((y.double() - y32.double()).abs() <= 2 * k * U32 * scale)
+    assert torch.all((y.double() - y64).abs() <= k * U32 * scale)
+
+
+# ---- dequantize -----------------------------------------------------------
+@pytest.mark.parametrize("n_high", MEMBERS)
+@pytest.mark.parametrize("rows,n_blocks", [(1, 1), (7, 3), (5, 9)])
+def test_dequantize_bit_exact_random_bytes(n_high, rows, n_blocks):
+    """Odd block and row counts; 21 and 45 blocks also leave partial programs."""
+    t = get_type(FIRST_TYPE_ID + n_high)
+    raw = random_raw(n_high, rows, n_blocks, seed=100 * n_high + rows)
+    w = dequantize(torch.from_numpy(raw), n_high).numpy()
+    assert same_bits(w, t.dequantize(raw))
+
+
+@pytest.mark.parametrize("n_high", MEMBERS)
+def test_dequantize_bit_exact_quantized_weights(n_high):
+    """Bytes from the reference quantizer (real code statistics, an all-zero block)."""
+    t = get_type(FIRST_TYPE_ID + n_high)
+    x = np.random.default_rng(n_high).standard_normal((6, 320)).astype(np.float32) * 0.05
+    x[0, :64] = 0
+    x[1, 70] = 3.0
+    raw = t.quantize_ref(x)
+    assert same_bits(dequantize(torch.from_numpy(raw), n_high, blocks_per_program=4).numpy(),
+                     t.dequantize(raw))
+
+
+def fp16_bytes(v: float) -> np.ndarray:
+    return np.array([v], dtype="<f2").view(np.uint8)
+
+
+def test_dequantize_reads_every_field():
+    """Flipping a bit of d, z, ql or qh, or moving a high group, changes the weights
+    (and they still match the reference)."""
+    t = get_type(FIRST_TYPE_ID + 3)
+    raw = random_raw(3, 1, 1, seed=5)
+    raw[0, 0:2] = fp16_bytes(0.5)
+    raw[0, 3] = 0b00010110
+    base = dequantize(torch.from_numpy(raw), 3).numpy()
+    for byte, bit in ((1, 1), (2, 1), (3, 0b00000011), (4, 1), (19, 128), (20, 1), (25, 64)):
+        flipped = raw.copy()
+        flipped[0, byte] ^= bit
+        got = dequantize(torch.from_numpy(flipped), 3).numpy()
+        assert same_bits(got, t.dequantize(flipped))
+        assert not np.array_equal(got, base), f"byte {byte} ignored"
+
+
+# ---- matmul ---------------------------------------------------------------
+@pytest.mark.parametrize("n_high", MEMBERS)
+def test_gemv_matches_torch(n_high):
+    t = get_type(FIRST_TYPE_ID + n_high)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(n_high)) * 0.1
+    raw = t.quantize_ref(np.random.default_rng(n_high).standard_normal((37, 192)).astype(np.float32))
+    for rows in (1, 3):
+        y = gemv(x[:rows], torch.from_numpy(raw), n_high, block_n=16)
+        assert_dot_close(y, x[:rows], t.dequantize(raw))
+
+
+@pytest.mark.parametrize("n_high", MEMBERS)
+def test_gemm_matches_torch(n_high):
+    """20 x 192 activations, 24 output rows: partial tiles in both directions."""
+    t = get_type(FIRST_TYPE_ID + n_high)
+    x = torch.randn(20, 192, generator=torch.Generator().manual_seed(n_high))
+    raw = random_raw(n_high, 24, 3, seed=n_high)
+    for b in range(3):   # comparable scales, so that no block hides below the others' rounding
+        raw[:, b * t.type_size:b * t.type_size + 2] = fp16_bytes(0.01 * (b + 1))
+    y = gemm(x, torch.from_numpy(raw), n_high, block_m=16, block_n=16)
+    assert_dot_close(y, x, t.dequantize(raw))
+
+
+def test_matmul_batched_shapes_and_both_paths():
+    t = get_type(FIRST_TYPE_ID + 2)
+    raw = t.quantize_ref(np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32))
+    w = t.dequantize(raw)
+    g = torch.Generator().manual_seed(2)
+    for shape in ((128,), (1, 1, 128), (2, 5, 128)):     # 1 and 10 rows: GEMV and GEMM
+        x = torch.randn(*shape, generator=g)
+        y = matmul(x, torch.from_numpy(raw), 2)
+        assert y.shape == shape[:-1] + (16,)
+        assert_dot_close(y.reshape(-1, 16), x.reshape(-1, 128), w)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_half_activations(kernel):
+    """float16 activations: weights rounded to float16, products summed in float32."""
+    t = get_type(FIRST_TYPE_ID + 5)
+    raw = t.quantize_ref(np.random.default_rng(3).standard_normal((16, 128)).astype(np.float32))
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(4)).half()
+    if kernel == "gemv":
+        y = gemv(x, torch.from_numpy(raw), 5, block_n=16)
+    else:
+        y = gemm(x, torch.from_numpy(raw), 5, block_m=16, block_n=16)
+    assert y.dtype == torch.float16
+    w16 = t.dequantize(raw).astype(np.float16).astype(np.float32)
+    ref = x.float() @ torch.from_numpy(w16).T
+    if kernel == "gemv":      # gemv multiplies by the exact float32 weight
+        ref = x.float() @ torch.from_numpy(t.dequantize(raw)).T
+    scale = x.float().abs() @ torch.from_numpy(np.abs(w16)).T
+    # float32 sums, then one rounding to float16 (relative 2^-11)
+    assert torch.all((y.float() - ref).abs() <= 2.0 ** -11 * ref.abs() + 2 * 128 * U32 * scale + 1e-6)
+
+
+def test_bad_input_is_refused_clearly():
+    t = get_type(FIRST_TYPE_ID + 1)
+    raw = torch.from_numpy(t.quantize_ref(np.ones((2, 64), np.float32)))
+    with pytest.raises(FormatError, match="whole number"):
+        dequantize(raw[:, :-1].contiguous(), 1)
+    with pytest.raises(FormatError, match="uint8"):
+        dequantize(raw.to(torch.int16), 1)
+    with pytest.raises(FormatError, match="not an HIQ2 type"):
+        dequantize(raw, 9)
+    with pytest.raises(ValueError, match="64 columns"):
+        gemv(torch.ones(1, 128), raw, 1)
+
+
+# ---- the PyTorch dispatch ---------------------------------------------------
+def test_dequantize_packed_cpu_path_is_unchanged_and_exact():
+    """On CPU tensors the dispatch never reaches Triton: numpy unpack + dequantize_torch."""
+    t = get_type(FIRST_TYPE_ID + 4)
+    raw = random_raw(4, 3, 2, seed=9)
+    assert not quantize.use_triton(torch.from_numpy(raw))
+    ref = quantize.dequantize_torch(t.unpack(raw)).numpy()
+    assert same_bits(quantize.dequantize_packed(torch.from_numpy(raw), t).numpy(), ref)
+    assert same_bits(ref, t.dequantize(raw))
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Route the GPU branch of the dispatch to the interpreted kernels on CPU tensors
+    (the only difference left from a GPU run is the ``is_cuda`` test)."""
+    calls = []
+
+    def use(t):
+        calls.append(t.shape)
+        return True
+
+    monkeypatch.setattr(quantize, "use_triton", use)
+    from hiq2gguf import packed_linear
+    monkeypatch.setattr(packed_linear, "use_triton", use)
+    return calls
+
+
+def test_dequantize_packed_triton_branch(triton_on_cpu):
+    t = get_type(FIRST_TYPE_ID + 6)
+    raw = random_raw(6, 4, 3, seed=11)
+    assert same_bits(quantize.dequantize_packed(torch.from_numpy(raw), t).numpy(), t.dequantize(raw))
+    assert triton_on_cpu
+
+
+def test_packed_model_matches_fake_quantized_model(triton_on_cpu):
+    """A tiny llama with HIQ2Linear layers (Triton path) gives the logits of the same
+    model with fake-quantized float weights, for one token (GEMV) and a window (GEMM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hiq2gguf.packed_linear import HIQ2Linear, use_packed_linears
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    packed = {}
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight"):
+            qt = get_type(FIRST_TYPE_ID + len(packed) % 9)
+            raw = qt.quantize_ref(p.detach().numpy())
+            packed[name] = PackedTensor(qtype=qt, raw=raw, shape=tuple(p.shape))
+            p.data.copy_(torch.from_numpy(qt.dequantize(raw)))        # the fake-quantized model
+    assert len(packed) == 7
+    ids = torch.tensor([[3, 17, 40, 5, 9, 60, 2, 33, 8, 21]])
+    with torch.no_grad():
+        ref_window = model(input_ids=ids).logits
+        ref_token = model(input_ids=ids[:, :1]).logits
+        ref_ppl = evaluate.ppl_torch(model, [ids[0].tolist()], progress=False)
+        use_packed_linears(model, packed)
+        assert sum(isinstance(m, HIQ2Linear) for m in model.modules()) == 7
+        n_calls = len(triton_on_cpu)
+        got_window = model(input_ids=ids).logits
+        got_token = model(input_ids=ids[:, :1]).logits
+        got_ppl = evaluate.ppl_torch(model, [ids[0].tolist()], progress=False)
+    assert len(triton_on_cpu) == n_calls + 21                 # every layer took the Triton branch
+    torch.testing.assert_close(got_window, ref_window, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_token, ref_token, rtol=1e-4, atol=1e-5)
+    assert got_ppl.n_tokens == ref_ppl.n_tokens == 4
+    assert abs(got_ppl.ppl - ref_ppl.ppl) <= 1e-4 * ref_ppl.ppl
+
+
+def test_hiq2linear_cpu_fallback_equals_linear():
+    """Without the GPU branch: F.linear on the reference weights, bias included (same
+    values; not asserted bit for bit: BLAS may sum differently for other buffers)."""
+    from hiq2gguf.packed_linear import HIQ2Linear
+
+    t = get_type(FIRST_TYPE_ID + 7)
+    raw = random_raw(7, 12, 2, seed=13)
+    bias = torch.randn(12)
+    layer = HIQ2Linear(torch.from_numpy(raw), t, (12, 128), bias)
+    x = torch.randn(3, 128)
+    w = torch.from_numpy(t.dequantize(raw))
+    expected = torch.nn.functional.linear(x, w, bias)
+    scale = x.abs() @ w.abs().T + bias.abs()
+    assert torch.all((layer(x) - expected).abs() <= 2 * 129 * U32 * scale)
+    with pytest.raises(ValueError, match="do not hold"):
+        HIQ2Linear(torch.from_numpy(raw), t, (12, 192))
