@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hiq2gguf.formats import BLOCK, HIQ2_TYPES, FormatError, HIQ2Type, get_type, max_bpw, min_bpw
@@ -145,8 +146,9 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
                                         **({"pairs": cfg.pairs} if cfg.estimator == "loss" else {}))
         M = est.estimate(est_windows, ckpt)
         del deltas
-        ckpt.save(M=M)
-    est_seconds = time.time() - t0
+        # cost of this run (an interrupted earlier run's share is not counted)
+        ckpt.save(M=M, seconds=np.float64(time.time() - t0))
+    est_seconds = float(ckpt.get("seconds", time.time() - t0))
 
     problem = RatioProblem(bits=bits, M=M, budget_bits=bpw * elements)
     sol = solve(problem, cfg.solver, time_limit=cfg.time_limit)
@@ -155,7 +157,7 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
         "solver": {"name": "highs", "method": sol.method, "status": sol.status, "objective": sol.objective,
                    "gap": sol.gap, "seconds": round(sol.seconds, 2), "iterations": sol.iterations},
         "estimator": cfg.estimator,
-        "estimator_seconds": round(est_seconds, 1),
+        "estimator_seconds": round(est_seconds, 1),       # computing M (also when read from the cache)
         "estimator_cache": {"path": str(path) if cfg.cache else None, "resumed": resumed},
         "candidates": [t.name for t in cands],
         "predicted_loss_increase": sol.objective,
