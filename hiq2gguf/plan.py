@@ -29,8 +29,8 @@ def layer_bits(shape: tuple[int, int], t: HIQ2Type) -> int:
 
 def check_budget(bpw: float) -> None:
     if bpw < min_bpw() - 1e-9:
-        raise BudgetError(f"--bpw {bpw:g} is below the smallest HIQ2 size: "
-                          f"the minimum is {min_bpw():.2f} bits per weight")
+        raise BudgetError(f"--bpw {bpw:g} is below the smallest HIQ2 size: the minimum is "
+                          f"{min_bpw():.2f} bits per weight (the largest member is {max_bpw():.2f})")
 
 
 def fixed_ratio_type(bpw: float) -> HIQ2Type:
@@ -48,7 +48,8 @@ def fixed_plan(shapes: dict[str, tuple[int, int]], bpw: float) -> dict[str, HIQ2
 def candidate_types(bpw: float, spread: float = 1.0) -> list[HIQ2Type]:
     """Members within ``spread`` bits per weight of the budget (the optimizer's choices)."""
     check_budget(bpw)
-    lo, hi = bpw - spread, min(bpw + spread, max_bpw())
+    top = min(bpw, max_bpw())            # a budget above the largest member still has candidates
+    lo, hi = top - spread, min(top + spread, max_bpw())
     return [t for t in HIQ2_TYPES.values() if lo - 1e-9 <= t.bpw <= hi + 1e-9]
 
 
