@@ -13,7 +13,7 @@ def _convert(a) -> int:
 
     ratio = RatioConfig(estimator=a.estimator, ratios=a.ratios, solver=a.solver, time_limit=a.time_limit,
                         cache=not a.no_cache)
-    cfg = ConvertConfig(bpw=a.bpw, method=a.method, ratio_strategy=a.ratio_strategy, ratio=ratio,
+    cfg = ConvertConfig(bpw=a.bpw, method=a.method, preset=a.preset, ratio_strategy=a.ratio_strategy, ratio=ratio,
                         calib_windows=a.calib_windows, eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
                         progress=not a.quiet)
@@ -84,8 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bpw", type=float, required=True,
                    help="budget in bits per quantized linear weight (never exceeded)")
     c.add_argument("--report", help="write a JSON report here")
-    c.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
-                   help="quantizer on the HIQ2 grid (default gptq)")
+    c.add_argument("--method", choices=["rtn", "gptq", "lwc", "adaround", "hybrid"], default="hybrid",
+                   help="quantizer on the HIQ2 grid: rtn layer by layer; the others block by block "
+                        "on the calibration text (default hybrid: learned clipping, then learned "
+                        "rounding)")
+    c.add_argument("--preset", choices=["fast", "paper"], default="fast",
+                   help="reconstruction training of lwc/adaround/hybrid: fast (minutes on a CPU) "
+                        "or paper (5,000 AdaRound steps, for a GPU)")
     c.add_argument("--ratio-strategy", choices=["optimized", "fixed"], default="optimized",
                    help="per-layer ratios from the quadratic loss model solved by HiGHS (default), "
                         "or one high-group ratio for all layers")

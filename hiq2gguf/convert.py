@@ -32,7 +32,8 @@ class ConvertConfig:
     eval_text: str = "boolq"
     eval_windows: int = evaluate.DEFAULT_WINDOWS
     eval_ctx: int = evaluate.DEFAULT_CTX
-    method: str = "gptq"                      # rtn | gptq (both on the exact HIQ2 grid)
+    method: str = "hybrid"                    # rtn | gptq | lwc | adaround | hybrid (sequential.METHODS)
+    preset: str = "fast"                      # reconstruction settings: fast (CPU) | paper (learned.PRESETS)
     ratio_strategy: str = "optimized"         # optimized (per-layer ratios, see plan.py) | fixed
     ratio: RatioConfig = field(default_factory=RatioConfig)
     evaluate: bool = True                     # measure ppl: reference, torch, llama.cpp
@@ -57,7 +58,6 @@ def check_shapes(model, converter) -> dict[str, tuple[int, int]]:
 class Calibration:
     windows: list[list[int]]
     fisher: dict[str, torch.Tensor]
-    hessians: dict | None                    # name -> GPTQ (input Hessian), for --method gptq
     seconds: float
 
 
@@ -102,12 +102,8 @@ class Conversion:
         windows = data.token_windows(self.tokenize(data.boolq_split("calibration")), cfg.calib_ctx,
                                      cfg.calib_windows, self.bos)
         params = linear_weights(self.model, self.converter.is_linear)
-        hessians = None
-        if cfg.method == "gptq":
-            fisher, hessians = collect_fisher(self.model, params, windows, cfg.progress, hessians=True)
-        else:
-            fisher = collect_fisher(self.model, params, windows, cfg.progress)
-        return Calibration(windows, fisher, hessians, time.time() - t0)
+        fisher = collect_fisher(self.model, params, windows, cfg.progress)
+        return Calibration(windows, fisher, time.time() - t0)
 
     def plan(self, calib: Calibration, bpw: float | None = None,
              strategy: str | None = None, ratio: RatioConfig | None = None) -> tuple[dict[str, HIQ2Type], dict]:
@@ -128,14 +124,21 @@ class Conversion:
                        f"objective {s['objective']:.4g}, gap {s['gap']:.2g}, {s['seconds']:.1f} s")
         return plan, {"ratio_strategy": "optimized", **info, "plan_seconds": round(time.time() - t0, 1)}
 
-    def quantize_fn(self, calib: Calibration) -> Callable:
-        if self.cfg.method == "gptq":
-            return lambda name, w, n_high: calib.hessians[name].quantize(w, n_high, calib.fisher[name])
-        return lambda name, w, n_high: quantize_rtn(w, n_high, calib.fisher[name])
+    def quantize_fn(self, calib: Calibration, plan: dict[str, HIQ2Type]) -> Callable:
+        """RTN layer by layer; GPTQ and the learned quantizers block by block on the
+        calibration windows (hiq2gguf/sequential.py)."""
+        from hiq2gguf.learned import preset
+        from hiq2gguf.sequential import block_quantize_fn
+
+        return block_quantize_fn(self.cfg.method, self.model, plan, calib.windows, calib.fisher,
+                                 preset(self.cfg.preset), self.cfg.progress)
 
     def quantize(self, plan: dict[str, HIQ2Type], calib: Calibration):
         """Codes -> packed bytes; the torch model gets exactly the dequantized weights."""
-        return quantize_model(self.model, self.converter, plan, self.quantize_fn(calib), self.cfg.progress)
+        fn = self.quantize_fn(calib, plan)
+        out = quantize_model(self.model, self.converter, plan, fn, self.cfg.progress)
+        self.block_records = [asdict(r) for r in getattr(fn, "records", [])]   # block-sequential methods
+        return out
 
     def write(self, out: Path, packed, stock, bpw: float | None = None) -> dict:
         bpw = self.cfg.bpw if bpw is None else bpw
@@ -181,6 +184,7 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     t0 = time.time()
     packed, stock = conv.quantize(plan, calib)
     report["method"] = cfg.method
+    report["blocks"] = conv.block_records
     report["quantize_seconds"] = round(time.time() - t0, 1)
 
     report.update(conv.write(out, packed, stock))

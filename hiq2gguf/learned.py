@@ -1,0 +1,293 @@
+"""Learned quantizers on exactly the HIQ2 grid, trained by output reconstruction.
+
+Each quantizer owns one linear weight. ``forward()`` gives a differentiable
+fake-quantized weight for training; ``codes()`` gives the exact ``Codes``
+that the file stores (computed with ``quantize.grid_params`` and
+``quantize.round_to_grid``, so they pack unchanged). The high groups of
+every block are fixed before training, by the Fisher-weighted choice of
+``quantize.choose_mask``.
+
+- ``LWC``: OmniQuant's learnable weight clipping. Per 64-weight block two
+  clipping strengths ``sigmoid(gamma)``, ``sigmoid(beta)`` shrink the block
+  range ``[min, max]``; that range sets the scale d and the zero point z.
+  Rounding (levels, z, fp16 of d) is straight-through.
+- ``AdaRound``: learned up/down rounding of the high-group weights on a
+  fixed grid (Nagel et al., 2020). The rounding offset is the rectified
+  sigmoid ``h(V)``; the regularizer ``1 - |2h - 1|^beta`` with beta
+  annealed from 20 to 2 drives every ``h`` to exactly 0 or 1, and the codes
+  use ``V >= 0`` (the point where ``h = 1/2``). Low groups keep the nearest
+  level of the grid.
+
+A method is a sequence of such stages (``STAGES``): the hybrid trains LWC
+first, then AdaRound on the grid LWC learned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hiq2gguf.formats import GROUP, LOW_STEP, Codes
+from hiq2gguf.quantize import (_blocks, choose_mask, codes_from_tensors, floored_importance,
+                               grid_params, round_to_grid, search_block_grid)
+
+# AdaRound's rectified sigmoid stretches sigmoid to (GAMMA, ZETA) and clips to [0, 1]
+ZETA, GAMMA = 1.1, -0.1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """floor(x + 1/2) (the format's rounding) with the identity as gradient."""
+    return x + (torch.floor(x + 0.5) - x).detach()
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.to(torch.float16).to(torch.float32) - x).detach()
+
+
+def _safe(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.ones_like(d), d)
+
+
+class LearnedQuantizer(nn.Module):
+    """One linear weight on a block grid with fixed high groups."""
+
+    def __init__(self, weight: torch.Tensor, high_g: torch.Tensor):
+        super().__init__()
+        self.register_buffer("wb", _blocks(weight.detach().to(torch.float32)).clone())
+        self.register_buffer("high_g", high_g)
+        self.register_buffer("high", high_g.repeat_interleave(GROUP, dim=-1))
+
+    def regularization(self, progress: float) -> torch.Tensor:
+        """Extra loss at ``progress`` in [0, 1] of the stage's steps."""
+        return torch.zeros(())
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(high groups [r, nb, 8], d fp16 [r, nb], z [r, nb]) of the exported codes."""
+        raise NotImplementedError
+
+    def codes(self) -> Codes:
+        high_g, d, z = self.grid()
+        levels, _ = round_to_grid(self.wb, self.high, d, z)
+        return codes_from_tensors(d, z, high_g, levels)
+
+    def _fake(self, levels: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        w = d[..., None] * (levels - z[..., None] / 16)
+        return w.reshape(w.shape[0], -1)
+
+
+class LWC(LearnedQuantizer):
+    """Learnable weight clipping: the block range [sigmoid(beta) min, sigmoid(gamma) max]."""
+
+    def __init__(self, weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
+                 noise: bool = True, seed: int = 0):
+        self.noise = noise
+        self._gen = torch.Generator().manual_seed(seed)
+        wb = _blocks(weight.detach().to(torch.float32))
+        imp = _blocks(floored_importance(importance, weight.detach().to(torch.float32)))
+        # start from the importance-weighted range search of RTN
+        high_g, d, z = search_block_grid(wb, n_high, imp)
+        super().__init__(weight, high_g)
+        self.register_buffer("lo0", torch.clamp(wb.amin(-1), max=0))
+        self.register_buffer("hi0", torch.clamp(wb.amax(-1), min=0))
+        df = d.to(torch.float32)
+        lo = -z / 16 * df
+        hi = lo + 15 * df
+
+        def logit(s):
+            return torch.logit(s.clamp(0.02, 0.995))
+
+        self.beta = nn.Parameter(logit(torch.where(self.lo0 < 0, lo / _safe(self.lo0), torch.ones_like(lo))))
+        self.gamma = nn.Parameter(logit(torch.where(self.hi0 > 0, hi / _safe(self.hi0), torch.ones_like(hi))))
+
+    def _range(self):
+        return torch.sigmoid(self.beta) * self.lo0, torch.sigmoid(self.gamma) * self.hi0
+
+    def forward(self) -> torch.Tensor:
+        lo, hi = self._range()
+        d = fp16_ste((hi - lo) / 15)
+        ds = _safe(d.detach()) + (d - d.detach())
+        z = torch.clamp(round_ste(-lo / ds * 16), 0, 255)
+        t = self.wb / ds[..., None] + z[..., None] / 16
+        if self.training and self.noise:
+            # rounding replaced by its noise model: uniform over one grid step
+            step = torch.where(self.high, 1.0, float(LOW_STEP))
+            u = torch.rand(t.shape, generator=self._gen) - 0.5
+            return self._fake(torch.clamp(t, 0, 15) + step * u, d, z)
+        lv_high = torch.clamp(round_ste(t), 0, 15)
+        lv_low = torch.clamp(round_ste(t / LOW_STEP), 0, 3) * LOW_STEP
+        return self._fake(torch.where(self.high, lv_high, lv_low), d, z)
+
+    @torch.no_grad()
+    def grid(self):
+        d, z = grid_params(*self._range())
+        return self.high_g, d, z
+
+
+class AdaRound(LearnedQuantizer):
+    """Learned rounding on a fixed grid (d, z, high groups): of the high-group weights,
+    or with ``low=True`` of every weight (low groups between adjacent levels of 0, 5, 10, 15)."""
+
+    def __init__(self, weight: torch.Tensor, high_g: torch.Tensor, d: torch.Tensor, z: torch.Tensor,
+                 low: bool = False):
+        super().__init__(weight, high_g)
+        self.register_buffer("d", d.to(torch.float16))
+        self.register_buffer("z", z.to(torch.float32))
+        self.register_buffer("learn", torch.ones_like(self.high) if low else self.high.clone())
+        df = self.d.to(torch.float32)
+        t = self.wb / _safe(df)[..., None] + self.z[..., None] / 16
+        step = torch.where(self.high, 1.0, float(LOW_STEP))
+        self.register_buffer("step", step)
+        self.register_buffer("base", torch.floor(t / step))      # in units of the group's step
+        self.register_buffer("top", 15 / step)                   # highest code: 15 or 3
+        near, _ = round_to_grid(self.wb, self.high, self.d, self.z)
+        self.register_buffer("near", near)                       # levels of the weights not learned
+        # start where h(V) equals the fractional part: the soft rounding is the identity
+        frac = ((t / step - self.base - GAMMA) / (ZETA - GAMMA)).clamp(0.01, 0.99)
+        self.V = nn.Parameter(torch.log(frac / (1 - frac)))
+
+    @classmethod
+    def rtn_grid(cls, weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
+                 low: bool = False):
+        w = weight.detach().to(torch.float32)
+        high_g, d, z = search_block_grid(_blocks(w), n_high, _blocks(floored_importance(importance, w)))
+        return cls(weight, high_g, d, z, low)
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def _levels(self, offset: torch.Tensor) -> torch.Tensor:
+        learned = torch.minimum(torch.clamp(self.base + offset, min=0), self.top) * self.step
+        return torch.where(self.learn, learned, self.near)
+
+    def hard_levels(self) -> torch.Tensor:
+        """The exported rounding: down or up (V >= 0 <=> h >= 1/2), clamped to the grid."""
+        return self._levels((self.V >= 0).to(torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return self._fake(self._levels(self.h()), self.d.to(torch.float32), self.z)
+
+    def regularization(self, progress: float, warmup: float = 0.2,
+                       beta_range: tuple[float, float] = (20.0, 2.0)) -> torch.Tensor:
+        if progress < warmup or not bool(self.learn.any()):
+            return torch.zeros(())
+        b0, b1 = beta_range
+        beta = b1 + (b0 - b1) * (1 - (progress - warmup) / (1 - warmup))
+        h = self.h()[self.learn]
+        return (1 - (2 * h - 1).abs() ** beta).mean()
+
+    def binary_fraction(self) -> float:
+        """Share of learned weights whose soft rounding h is exactly 0 or 1."""
+        h = self.h()[self.learn]
+        return float(((h == 0) | (h == 1)).float().mean()) if h.numel() else 1.0
+
+    def grid(self):
+        return self.high_g, self.d, self.z
+
+    @torch.no_grad()
+    def codes(self) -> Codes:
+        levels = torch.where(self.d[..., None] == 0, torch.zeros_like(self.near), self.hard_levels())
+        return codes_from_tensors(self.d, self.z, self.high_g, levels)
+
+
+def start_stage(kind: type[LearnedQuantizer], weight: torch.Tensor, n_high: int,
+                importance: torch.Tensor | None, prev: LearnedQuantizer | None,
+                cfg: "ReconstructionConfig | None" = None) -> LearnedQuantizer:
+    """The quantizer of one stage, continuing from the previous stage's grid if any."""
+    cfg = cfg or ReconstructionConfig()
+    if kind is LWC:
+        return LWC(weight, n_high, importance, seed=cfg.seed)
+    if prev is not None:
+        return AdaRound(weight, *prev.grid(), low=cfg.adaround_low)
+    return AdaRound.rtn_grid(weight, n_high, importance, low=cfg.adaround_low)
+
+
+# method -> its stages, trained one after the other
+STAGES: dict[str, tuple[type[LearnedQuantizer], ...]] = {
+    "lwc": (LWC,),
+    "adaround": (AdaRound,),
+    "hybrid": (LWC, AdaRound),
+}
+
+
+@dataclass
+class ReconstructionConfig:
+    """Block-wise reconstruction training: per stage, ``*_steps`` Adam steps on
+    ``batch`` calibration windows each. The reconstruction error is measured relative
+    to that of the exported codes at the start of the stage; ``reg_weight`` scales
+    AdaRound's regularizer against it. ``adaround_low``: AdaRound also learns the
+    rounding of the low groups (between their levels 0, 5, 10, 15); without it they
+    keep the nearest level of the grid LWC learned, as in the paper."""
+
+    lwc_steps: int = 20
+    lwc_lr: float = 1e-2
+    adaround_steps: int = 60
+    adaround_lr: float = 0.1
+    adaround_low: bool = True
+    batch: int = 1
+    reg_weight: float = 50.0
+    seed: int = 0
+
+    def steps(self, kind: type[LearnedQuantizer]) -> tuple[int, float]:
+        return (self.lwc_steps, self.lwc_lr) if kind is LWC else (self.adaround_steps, self.adaround_lr)
+
+
+PRESETS: dict[str, ReconstructionConfig] = {
+    # finishes the default model on a 2-core CPU in minutes (few steps, large learning rates)
+    "fast": ReconstructionConfig(),
+    # the paper's settings (5,000 AdaRound steps at lr 1e-3, AdaRound on the high groups
+    # only, LWC on the rest), for a GPU
+    "paper": ReconstructionConfig(lwc_steps=1000, lwc_lr=1e-2, adaround_steps=5000, adaround_lr=1e-3,
+                                  adaround_low=False),
+}
+
+
+def preset(name: str, **overrides) -> ReconstructionConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def train_stage(run_block, quantizers: dict[str, LearnedQuantizer], inputs: list, targets: list,
+                steps: int, lr: float, cfg: ReconstructionConfig, desc: str = "", progress: bool = False) -> dict:
+    """Adam on the quantizers' parameters, minimizing the block output error
+    ``|run_block(weights, x) - y|^2`` plus ``cfg.reg_weight`` x the quantizers'
+    regularizers. ``run_block(weights: dict[name, tensor], x) -> y``. The error is
+    measured relative to that of the exported codes at the start, so the regularizer
+    weight means the same for every block. Returns that error (exported codes, on the
+    first batch) before and after."""
+    params = [p for q in quantizers.values() for p in q.parameters()]
+    if steps <= 0 or not params:
+        return {"steps": 0}
+    x0, y0 = torch.cat(inputs[:cfg.batch]), torch.cat(targets[:cfg.batch])
+
+    @torch.no_grad()
+    def exported_error() -> float:
+        from hiq2gguf.quantize import dequantize_torch
+        w = {n: dequantize_torch(q.codes()) for n, q in quantizers.items()}
+        return float(((run_block(w, x0) - y0) ** 2).mean())
+
+    first = exported_error()
+    scale = max(first, 1e-30)
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for q in quantizers.values():
+        q.train()
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(inputs), (cfg.batch,), generator=g).tolist()
+        x = torch.cat([inputs[i] for i in idx])
+        y = torch.cat([targets[i] for i in idx])
+        out = run_block({n: q() for n, q in quantizers.items()}, x)
+        rec = ((out - y) ** 2).mean() / scale
+        reg = sum(q.regularization(step / max(steps - 1, 1)) for q in quantizers.values())
+        loss = rec + cfg.reg_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(rel=f"{float(rec.detach()):.3f}")
+    for q in quantizers.values():
+        q.eval()
+    return {"steps": steps, "first": first, "last": exported_error()}

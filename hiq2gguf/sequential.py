@@ -1,0 +1,206 @@
+"""Block-sequential quantization (as GPTQ and OmniQuant do it).
+
+The transformer blocks are quantized one after the other. Block i is
+calibrated on the outputs of the already quantized blocks 0..i-1 on the
+calibration windows (``x_q``); the learned quantizers are trained to make
+its output match the float model's output of block i on the float
+trajectory (``y``), so a block can also absorb some of the error of the
+blocks before it. Only the activations at block boundaries are kept (two
+copies: float and quantized trajectory), so working memory stays near one
+block.
+
+    fn = block_quantize_fn("hybrid", model, plan, windows, fisher)
+    packed, stock = convert.quantize_model(model, converter, plan, fn)
+
+``BlockSequential`` is a ``quantize_fn`` for ``convert.quantize_model``: asked
+for the first weight of a block, it quantizes the whole block and hands out
+its codes one weight at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+from tqdm import tqdm
+
+from hiq2gguf.formats import Codes, HIQ2Type
+from hiq2gguf.gptq import GPTQ
+from hiq2gguf.learned import STAGES, ReconstructionConfig, preset, start_stage, train_stage
+from hiq2gguf.quantize import dequantize_torch, quantize_rtn
+
+METHODS = ("rtn", "gptq", "lwc", "adaround", "hybrid")
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_blocks(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name prefix, module) of every transformer block, in order."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers to quantize block by block")
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(m)] + ".", m) for m in layers]
+
+
+@torch.no_grad()
+def capture_block_inputs(model, first_block: torch.nn.Module, windows: list[list[int]]):
+    """Hidden states entering the first block for every window, and the keyword
+    arguments (rotary embeddings, mask, positions) the model passes to its blocks."""
+    if len({len(w) for w in windows}) != 1:
+        raise ValueError("calibration windows must all have the same length")
+    inputs, kwargs = [], {}
+
+    def grab(module, args, kw):
+        inputs.append(args[0] if args else kw["hidden_states"])
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    hook = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for w in windows:
+            try:
+                model(input_ids=torch.tensor([w]))
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return inputs, kwargs
+
+
+@dataclass
+class BlockRecord:
+    block: int
+    seconds: float
+    out_err: float                    # mean squared error of the quantized block's output vs the float one
+    stages: list[dict] = field(default_factory=list)
+
+
+class BlockSequential:
+    """quantize_fn(name, weight, n_high) -> Codes, block by block (see module docstring)."""
+
+    def __init__(self, method: str, model, plan: dict[str, HIQ2Type], windows: list[list[int]],
+                 fisher: dict[str, torch.Tensor] | None = None, recon: ReconstructionConfig | None = None,
+                 progress: bool = True):
+        if method not in METHODS or method == "rtn":
+            raise ValueError(f"no block-sequential method {method!r} (known: {', '.join(METHODS[1:])})")
+        self.method, self.model, self.plan = method, model, plan
+        self.fisher = fisher or {}
+        self.recon = recon or preset("fast")
+        self.progress = progress
+        self.blocks = decoder_blocks(model)
+        self.block_of = {}
+        for name in plan:
+            owner = [i for i, (prefix, _) in enumerate(self.blocks) if name.startswith(prefix)]
+            if owner:
+                self.block_of[name] = owner[0]
+        self.next_block = 0
+        self.codes: dict[str, Codes] = {}
+        self.records: list[BlockRecord] = []
+        self.x_q = self.x_fp = None
+        self.kwargs: dict = {}
+        self.windows = windows
+        self.bar = None
+
+    # ---- quantize_fn ------------------------------------------------------
+    def __call__(self, name: str, weight: torch.Tensor, n_high: int) -> Codes:
+        if name not in self.block_of:       # a linear weight outside the blocks
+            return quantize_rtn(weight, n_high, self.fisher.get(name))
+        if n_high != self.plan[name].n_high:
+            raise ValueError(f"{name}: asked for {n_high} high groups, the plan says {self.plan[name].n_high}")
+        while name not in self.codes:
+            if self.next_block > self.block_of[name]:
+                raise RuntimeError(f"{name}: its block was already quantized and handed out")
+            self._quantize_block(self.next_block)
+            self.next_block += 1
+        return self.codes.pop(name)
+
+    # ---- one block ----------------------------------------------------------
+    def _run(self, block, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(block, weights, (x,), self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _quantize_block(self, i: int) -> None:
+        t0 = time.time()
+        prefix, block = self.blocks[i]
+        if self.x_q is None:
+            inputs, self.kwargs = capture_block_inputs(self.model, block, self.windows)
+            self.x_fp, self.x_q = inputs, [x.clone() for x in inputs]
+            self.bar = tqdm(total=len(self.blocks), desc=f"{self.method} blocks", unit="block",
+                            disable=not self.progress)
+        names = [n for n in self.plan if self.block_of.get(n) == i]
+        local = {n: n[len(prefix):] for n in names}          # name inside the block
+        saved = {n: p.requires_grad for n, p in block.named_parameters()}
+        block.requires_grad_(False)
+        try:
+            with torch.no_grad():
+                y = [self._run(block, {}, x) for x in self.x_fp]
+            if self.method == "gptq":
+                codes, stages = self._gptq(block, names, local), []
+            else:
+                codes, stages = self._learned(block, names, local, y, i)
+            fake = {local[n]: dequantize_torch(c) for n, c in codes.items()}
+            with torch.no_grad():
+                self.x_q = [self._run(block, fake, x) for x in self.x_q]
+            err = sum(float(((a - b) ** 2).mean()) for a, b in zip(self.x_q, y)) / len(y)
+        finally:
+            for n, p in block.named_parameters():
+                p.requires_grad_(saved[n])
+        self.x_fp = y
+        self.codes.update(codes)
+        self.records.append(BlockRecord(i, round(time.time() - t0, 2), err, stages))
+        self.bar.update(1)
+        self.bar.set_postfix(out_mse=f"{err:.3g}")
+        if i == len(self.blocks) - 1:
+            self.bar.close()
+
+    def _gptq(self, block, names, local) -> dict[str, Codes]:
+        modules = dict(block.named_modules())
+        gptq, hooks = {}, []
+        for n in names:
+            mod = modules[local[n].rsplit(".", 1)[0]]
+            gptq[n] = GPTQ(mod.weight.shape[1])
+            hooks.append(mod.register_forward_hook(lambda m, inp, out, g=gptq[n]: g.add_batch(inp[0])))
+        try:
+            with torch.no_grad():
+                for x in self.x_q:
+                    self._run(block, {}, x)
+        finally:
+            for h in hooks:
+                h.remove()
+        params = dict(block.named_parameters())
+        return {n: gptq[n].quantize(params[local[n]].data, self.plan[n].n_high, self.fisher.get(n))
+                for n in names}
+
+    def _learned(self, block, names, local, y, i) -> tuple[dict[str, Codes], list[dict]]:
+        params = dict(block.named_parameters())
+        prev: dict[str, object] = {n: None for n in names}
+        stats = []
+        for kind in STAGES[self.method]:
+            qs = {n: start_stage(kind, params[local[n]].data, self.plan[n].n_high, self.fisher.get(n), prev[n],
+                                 self.recon) for n in names}
+            steps, lr = self.recon.steps(kind)
+            r = train_stage(lambda w, x, b=block: self._run(b, w, x),
+                            {local[n]: q for n, q in qs.items()}, self.x_q, y, steps, lr, self.recon,
+                            desc=f"block {i} {kind.__name__}", progress=self.progress)
+            stats.append({"stage": kind.__name__, **r})
+            prev = qs
+        return {n: q.codes() for n, q in prev.items()}, stats
+
+
+def block_quantize_fn(method: str, model, plan: dict[str, HIQ2Type], windows: list[list[int]],
+                      fisher: dict[str, torch.Tensor] | None = None, recon: ReconstructionConfig | None = None,
+                      progress: bool = True):
+    """The ``quantize_fn`` of ``method`` for ``convert.quantize_model``: RTN layer by
+    layer, the others block-sequentially on the calibration ``windows``."""
+    if method == "rtn":
+        fisher = fisher or {}
+        return lambda name, w, n_high: quantize_rtn(w, n_high, fisher.get(name))
+    return BlockSequential(method, model, plan, windows, fisher, recon, progress)
