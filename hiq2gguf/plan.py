@@ -129,6 +129,16 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
         raise BudgetError(f"--bpw {bpw:g} is infeasible with candidates {', '.join(t.name for t in cands)}: "
                           f"the smallest achievable is {lo:.4f}, the largest {hi:.4f}")
 
+    forced = _forced_choice(bits, bpw * elements)
+    if forced is not None:
+        plan = {n: cands[c] for n, c in zip(names, forced)}
+        return plan, {"solver": {"name": "none", "method": "forced", "status": "only one feasible choice",
+                                 "objective": None, "gap": 0.0, "seconds": 0.0, "iterations": 0},
+                      "estimator": cfg.estimator, "estimator_seconds": 0.0,
+                      "estimator_cache": {"path": None, "resumed": False},
+                      "candidates": [t.name for t in cands], "predicted_loss_increase": None,
+                      "predicted_loss_increase_fixed": None}
+
     if cfg.estimator == "loss":
         est_windows = [w[:cfg.loss_ctx] for w in windows[:cfg.loss_windows]]
         settings = {"loss_ctx": cfg.loss_ctx, "pairs": cfg.pairs}
@@ -165,6 +175,16 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
         "predicted_loss_increase_fixed": _fixed_prediction(problem, cands, bpw),
     }
     return plan, info
+
+
+def _forced_choice(bits: list[list[int]], budget_bits: float) -> list[int] | None:
+    """The smallest candidate everywhere, when no layer can afford any larger one
+    (then M is not needed: e.g. a budget equal to the smallest member's size)."""
+    floor = sum(min(b) for b in bits)
+    step = min((sorted(set(b))[1] - min(b) for b in bits if len(set(b)) > 1), default=None)
+    if step is None or floor + step > budget_bits:
+        return [b.index(min(b)) for b in bits]
+    return None
 
 
 def _fixed_prediction(problem: RatioProblem, cands: list[HIQ2Type], bpw: float) -> float | None:

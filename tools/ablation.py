@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     estimators = [x for x in a.estimators.split(",") if x]
     out_json, outdir = Path(a.json), Path(a.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
+    saved = json.loads(out_json.read_text()) if out_json.exists() else {}
+    rows = saved.get("rows", [])
     done = {r["name"] for r in rows}
 
     cfg = ConvertConfig(bpw=min(budgets), method=a.method, evaluate=False, threads=a.threads,
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     conv = Conversion(cfg, a.model)
     texts = {"boolq": conv.text_windows("boolq"), "lambada": conv.text_windows("lambada")}
     t0 = time.time()
-    reference = {t: evaluate.ppl_torch(conv.model, w, True, f"ppl reference {t}").ppl for t, w in texts.items()}
+    reference = saved.get("reference") or {
+        t: evaluate.ppl_torch(conv.model, w, True, f"ppl reference {t}").ppl for t, w in texts.items()}
     print(f"reference: boolq {reference['boolq']:.4f}  lambada {reference['lambada']:.4f} "
           f"({time.time() - t0:.0f} s)", flush=True)
     calib = conv.calibrate()
@@ -63,38 +65,38 @@ def main(argv=None) -> int:
     def save():
         write_report({"reference": reference, "rows": rows}, out_json)
 
-    for bpw in budgets:
-        runs = [("fixed", None)] + [("optimized", e) for e in estimators]
-        for strategy, estimator in runs:
-            name = f"{strategy}-{estimator}-{bpw:g}" if estimator else f"fixed-{bpw:g}"
-            if name in done:
-                continue
-            ratio = RatioConfig(estimator=estimator or "gradient", ratios=a.ratios)
-            plan, info = conv.plan(calib, bpw, strategy, ratio)
-            digest = hashlib.sha256(repr(sorted((n, t.name) for n, t in plan.items())).encode()).hexdigest()
-            if digest not in evaluated:
-                t1 = time.time()
-                packed, stock = conv.quantize(plan, calib)
-                path = outdir / f"{name}.gguf"
-                size = conv.write(path, packed, stock, bpw)
-                conv.restore()
-                ppl = {t: ppl_file(path, w, replace(cfg, eval_windows=len(w))) for t, w in texts.items()}
-                evaluated[digest] = {"bpw": size["bpw"], "file_bpw": size["file_bpw"], "file": str(path),
-                                     "ppl_boolq": ppl["boolq"], "ppl_lambada": ppl["lambada"],
-                                     "minutes": round((time.time() - t1) / 60, 2)}
-            m = evaluated[digest]
-            row = {"name": name, "strategy": strategy, "estimator": estimator, "budget": bpw, **m,
-                   "same_plan_as_fixed": strategy != "fixed" and digest == _fixed_digest(evaluated, rows, bpw),
-                   "measured_loss_increase": math.log(m["ppl_boolq"] / reference["boolq"])}
-            if strategy == "optimized":
-                row.update(predicted_loss_increase=info["predicted_loss_increase"],
-                           predicted_loss_increase_fixed=info["predicted_loss_increase_fixed"],
-                           solver=info["solver"], estimator_minutes=round(info["estimator_seconds"] / 60, 2),
-                           estimator_resumed=info["estimator_cache"]["resumed"])
-            row["digest"] = digest
-            rows.append(row)
-            save()
-            print(_fmt(row), flush=True)
+    # fixed rows first, then one estimator at a time (each computes its M once)
+    runs = [("fixed", None, b) for b in budgets] + [("optimized", e, b) for e in estimators for b in budgets]
+    for strategy, estimator, bpw in runs:
+        name = f"{strategy}-{estimator}-{bpw:g}" if estimator else f"fixed-{bpw:g}"
+        if name in done:
+            continue
+        ratio = RatioConfig(estimator=estimator or "gradient", ratios=a.ratios)
+        plan, info = conv.plan(calib, bpw, strategy, ratio)
+        digest = hashlib.sha256(repr(sorted((n, t.name) for n, t in plan.items())).encode()).hexdigest()
+        if digest not in evaluated:
+            t1 = time.time()
+            packed, stock = conv.quantize(plan, calib)
+            path = outdir / f"{name}.gguf"
+            size = conv.write(path, packed, stock, bpw)
+            conv.restore()
+            ppl = {t: ppl_file(path, w, replace(cfg, eval_windows=len(w))) for t, w in texts.items()}
+            evaluated[digest] = {"bpw": size["bpw"], "file_bpw": size["file_bpw"], "file": str(path),
+                                 "ppl_boolq": ppl["boolq"], "ppl_lambada": ppl["lambada"],
+                                 "minutes": round((time.time() - t1) / 60, 2)}
+        m = evaluated[digest]
+        row = {"name": name, "strategy": strategy, "estimator": estimator, "budget": bpw, **m,
+               "same_plan_as_fixed": strategy != "fixed" and digest == _fixed_digest(evaluated, rows, bpw),
+               "measured_loss_increase": math.log(m["ppl_boolq"] / reference["boolq"])}
+        if strategy == "optimized":
+            row.update(predicted_loss_increase=info["predicted_loss_increase"],
+                       predicted_loss_increase_fixed=info["predicted_loss_increase_fixed"],
+                       solver=info["solver"], estimator_minutes=round(info["estimator_seconds"] / 60, 2),
+                       estimator_resumed=info["estimator_cache"]["resumed"])
+        row["digest"] = digest
+        rows.append(row)
+        save()
+        print(_fmt(row), flush=True)
     print()
     print(table(rows, reference))
     return 0
@@ -127,7 +129,7 @@ def table(rows: list[dict], reference: dict) -> str:
     costs = {}
     for r in rows:
         if r.get("estimator") and not r.get("estimator_resumed"):
-            costs[r["estimator"]] = r["estimator_minutes"]
+            costs[r["estimator"]] = max(costs.get(r["estimator"], 0.0), r["estimator_minutes"])
     if costs:
         lines.append("")
         lines.append("estimator cost (first computation of M, minutes): "
