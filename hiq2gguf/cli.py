@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("runtime", help="build or locate the patched llama.cpp")
     rt.add_argument("action", choices=["build", "path"])
     rt.add_argument("--force", action="store_true", help="rebuild even if cached")
+    rt.add_argument("--cuda", action="store_true",
+                    help="the separate CUDA build (HIQ2 CUDA kernels; needs nvcc, not a GPU)")
     rt.set_defaults(func=_runtime)
     return p
 

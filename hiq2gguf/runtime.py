@@ -6,15 +6,22 @@ libraries and command-line tools with CMake + Ninja, and installs the
 llama-cpp-python package (Python bindings only) into the current interpreter.
 ``configure_python()`` points llama_cpp at the patched libraries.
 
+``build(cuda=True)`` (``hiq2gguf runtime build --cuda``) makes a second, separate
+build with ggml's CUDA backend and our CUDA kernels (kernels/cuda) for one GPU
+architecture; nvcc is needed, a GPU is not.
+
 Layout under the cache dir ($HIQ2GGUF_CACHE or ~/.cache/hiq2gguf):
     dl/llama_cpp_python-<ver>.tar.gz          the sdist (downloaded once)
     runtime/llama.cpp-<ver>-<key>/src/        extracted + patched sdist
     runtime/llama.cpp-<ver>-<key>/build/      CMake build; bin/ has libs and tools
     runtime/llama.cpp-<ver>-<key>/build.log   full tool output
     runtime/llama.cpp-<ver>-<key>/COMPLETE    stamp, written last
-``key`` is a sha256 over the sdist version, kernels/ggml/*, the CMake
-arguments and the targets, so the build is redone only when one of them
-changes (ccache makes a rebuild after a kernel edit cheap).
+    runtime-cuda/llama.cpp-<ver>-<key>/       the same for the CUDA build
+    cuda-extra/                               cuBLAS headers/libraries (PyPI wheel) when
+                                              the CUDA toolkit has none
+``key`` is a sha256 over the sdist version, kernels/ggml/* (CUDA build: and
+kernels/cuda/*), the CMake arguments and the targets, so the build is redone
+only when one of them changes (ccache makes a rebuild after a kernel edit cheap).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KERNELS_DIR = REPO_ROOT / "kernels" / "ggml"
+CUDA_KERNELS_DIR = REPO_ROOT / "kernels" / "cuda"
 
 CMAKE_ARGS = [
     "-DCMAKE_BUILD_TYPE=Release",
@@ -73,6 +81,23 @@ NOT_BUILT = {
 
 PY_DEPS = ["typing_extensions", "diskcache", "jinja2", "numpy"]
 
+# The CUDA build: the CPU build's options with ggml's CUDA backend on, kept small
+# (one architecture, no FlashAttention kernels, no NCCL, no CUDA VMM so the driver
+# library is not needed at link time); no GPU is needed to compile it.
+CUDA_ARCHITECTURES = os.environ.get("HIQ2GGUF_CUDA_ARCHITECTURES", "90")   # H100 / H200
+CUDA_CMAKE_ARGS = [a for a in CMAKE_ARGS if a != "-DGGML_CUDA=OFF"] + [
+    "-DGGML_CUDA=ON",
+    f"-DCMAKE_CUDA_ARCHITECTURES={CUDA_ARCHITECTURES}",
+    "-DGGML_CUDA_FA=OFF",
+    "-DGGML_CUDA_FA_ALL_QUANTS=OFF",
+    "-DGGML_CUDA_NCCL=OFF",
+    "-DGGML_CUDA_NO_VMM=ON",
+]
+CUDA_TARGETS = ["llama", "ggml", "ggml-base", "ggml-cpu", "ggml-cuda",
+                "llama-completion", "llama-perplexity", "llama-bench", "test-backend-ops"]
+# cuBLAS for toolkits installed without it (as here): the PyPI wheel matching CUDA 13.0
+CUBLAS_WHEEL = ("nvidia-cublas", "13.0.2.14")
+
 
 class RuntimeMissing(RuntimeError):
     """The patched llama.cpp runtime is not built (or lacks what was asked for)."""
@@ -101,52 +126,67 @@ def _kernel_files() -> list[Path]:
                   if p.is_file() and p.suffix in (".c", ".h", ".py", ".cpp") and not p.name.startswith("."))
 
 
-def build_key() -> str:
+def _cuda_kernel_files() -> list[Path]:
+    if not CUDA_KERNELS_DIR.is_dir():
+        raise BuildError(f"CUDA kernel sources not found at {CUDA_KERNELS_DIR}")
+    return sorted(p for p in CUDA_KERNELS_DIR.iterdir()
+                  if p.is_file() and p.suffix in (".cuh", ".cu", ".py") and not p.name.startswith("."))
+
+
+def build_key(cuda: bool = False) -> str:
     h = hashlib.sha256()
     h.update(f"sdist={SDIST_NAME}=={SDIST_VERSION}\n".encode())
     for p in _kernel_files():
         h.update(f"file={p.name}\n".encode())
         h.update(p.read_bytes())
-    h.update(("cmake=" + "\0".join(CMAKE_ARGS) + "\n").encode())
-    h.update(("targets=" + "\0".join(TARGETS) + "\n").encode())
+    if cuda:
+        for p in _cuda_kernel_files():
+            h.update(f"file=cuda/{p.name}\n".encode())
+            h.update(p.read_bytes())
+    h.update(("cmake=" + "\0".join(CUDA_CMAKE_ARGS if cuda else CMAKE_ARGS) + "\n").encode())
+    h.update(("targets=" + "\0".join(CUDA_TARGETS if cuda else TARGETS) + "\n").encode())
     return h.hexdigest()
 
 
-def _work_dir(key: str | None = None) -> Path:
-    key = key or build_key()
-    return cache_dir() / "runtime" / f"llama.cpp-{SDIST_VERSION}-{key[:16]}"
+def _work_dir(key: str | None = None, cuda: bool = False) -> Path:
+    key = key or build_key(cuda)
+    # CUDA builds live in their own folder: pruning old CPU builds never touches them
+    return cache_dir() / ("runtime-cuda" if cuda else "runtime") / f"llama.cpp-{SDIST_VERSION}-{key[:16]}"
 
 
 def _stamp(work: Path) -> Path:
     return work / "COMPLETE"
 
 
-def _find_built(require: bool = True) -> Path | None:
+def _find_built(require: bool = True, cuda: bool = False) -> Path | None:
     """Work dir of the build matching the current sources (if complete)."""
-    work = _work_dir()
+    work = _work_dir(cuda=cuda)
     if _stamp(work).exists():
         return work
     if require:
-        others = sorted((cache_dir() / "runtime").glob("llama.cpp-*/COMPLETE"))
-        detail = f"no complete build for the current kernel sources under {cache_dir() / 'runtime'}"
+        others = sorted(work.parent.glob("llama.cpp-*/COMPLETE"))
+        detail = f"no complete build for the current kernel sources under {work.parent}"
         if others:
             detail += f"; {len(others)} build(s) for other sources exist (kernels changed since)"
+        if cuda:
+            raise RuntimeMissing(message="the CUDA build of the patched llama.cpp is not built; run "
+                                         f"`hiq2gguf runtime build --cuda` ({detail})")
         raise RuntimeMissing(detail)
     return None
 
 
-def lib_dir() -> Path:
+def lib_dir(cuda: bool = False) -> Path:
     """Directory holding libllama.so and libggml*.so of the patched build."""
-    work = _find_built()
+    work = _find_built(cuda=cuda)
     for d in (work / "build" / "bin", work / "build" / "lib"):
         if (d / "libllama.so").exists() or (d / "libllama.dylib").exists():
             return d
     raise RuntimeMissing(f"libllama not found in {work / 'build'}")
 
 
-def tool(name: str) -> Path:
+def tool(name: str, cuda: bool = False) -> Path:
     """Path of a built tool, e.g. tool('llama-perplexity')."""
-    work = _find_built()
+    work = _find_built(cuda=cuda)
     p = work / "build" / "bin" / name
     if not p.exists() and name in NOT_BUILT:
         raise RuntimeMissing(message=f"{name} is not part of the hiq2gguf runtime: {NOT_BUILT[name]}")
@@ -157,9 +197,9 @@ def tool(name: str) -> Path:
     return p
 
 
-def is_built() -> bool:
+def is_built(cuda: bool = False) -> bool:
     try:
-        lib_dir()
+        lib_dir(cuda)
         return True
     except (RuntimeMissing, BuildError):
         return False
@@ -266,8 +306,8 @@ def _extract(sdist: Path, work: Path, log: _Log) -> Path:
     return root
 
 
-def _load_patch_module():
-    spec = importlib.util.spec_from_file_location("hiq2_ggml_patch", KERNELS_DIR / "patch.py")
+def _load_patch_module(path: Path | None = None, name: str = "hiq2_ggml_patch"):
+    spec = importlib.util.spec_from_file_location(name, path or KERNELS_DIR / "patch.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     sys.modules[spec.name] = mod          # dataclasses look the module up while executing it
@@ -307,20 +347,75 @@ def install_python_package(sdist: Path | None = None, log: _Log | None = None, f
     log.run([sys.executable, "-m", "pip", "install", *PY_DEPS])
 
 
-def build(force: bool = False, python_package: bool = True, jobs: int | None = None) -> Path:
-    """Build (if needed) the patched runtime; returns the lib dir (build/bin)."""
-    key = build_key()
-    work = _work_dir(key)
+def _cuda_extra(log: _Log) -> list[str]:
+    """CMake arguments that supply cuBLAS when the CUDA toolkit lacks it (headers and
+    libraries from the PyPI wheel, unpacked into the cache); [] when it has it."""
+    # the toolkit's own nvcc (a wrapper script elsewhere on PATH would hide the toolkit root from CMake)
+    found = [c for c in (os.environ.get("CUDACXX"), "/usr/local/cuda/bin/nvcc", shutil.which("nvcc"))
+             if c and Path(c).exists()]
+    if not found:
+        raise BuildError("nvcc not found (install the CUDA toolkit: /usr/local/cuda/bin/nvcc, $CUDACXX or on PATH)")
+    nvcc = found[0]
+    toolkit = Path(nvcc).resolve().parents[1]
+    args = [f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    if (toolkit / "include" / "cublas_v2.h").exists():
+        return args
+    name, version = CUBLAS_WHEEL
+    root = cache_dir() / "cuda-extra" / f"{name}-{version}"
+    if not (root / ".complete").exists():
+        import zipfile
+
+        dl = cache_dir() / "dl"
+        dl.mkdir(parents=True, exist_ok=True)
+        log.phase(f"cuda: the toolkit at {toolkit} has no cuBLAS; fetching {name}=={version} from PyPI")
+        wheels = list(dl.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        if not wheels:
+            log.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                     f"{name}=={version}", "-d", dl])
+            wheels = list(dl.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        if not wheels:
+            raise BuildError(f"pip download did not produce a {name} {version} wheel in {dl}")
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "include").mkdir(parents=True)
+        (root / "lib").mkdir()
+        with zipfile.ZipFile(wheels[0]) as z:
+            for info in z.infolist():
+                p = Path(info.filename)
+                if "include" in p.parts and p.suffix in (".h", ".hpp"):
+                    (root / "include" / p.name).write_bytes(z.read(info))
+                elif "lib" in p.parts and ".so" in p.name:
+                    (root / "lib" / p.name).write_bytes(z.read(info))
+        for lib in ("cublas", "cublasLt"):          # the linker wants the unversioned name
+            versioned = sorted((root / "lib").glob(f"lib{lib}.so.*"))
+            if not versioned:
+                raise BuildError(f"lib{lib}.so.* not found in {wheels[0]}")
+            (root / "lib" / f"lib{lib}.so").symlink_to(versioned[0].name)
+        (root / ".complete").write_text(version)
+    inc = root / "include"
+    return args + [f"-DCUDA_cublas_LIBRARY={root / 'lib' / 'libcublas.so'}",
+                   f"-DCUDA_cublasLt_LIBRARY={root / 'lib' / 'libcublasLt.so'}",
+                   f"-DCMAKE_CUDA_FLAGS=-I{inc}", f"-DCMAKE_CXX_FLAGS=-I{inc}"]
+
+
+def build(force: bool = False, python_package: bool = True, jobs: int | None = None,
+          cuda: bool = False) -> Path:
+    """Build (if needed) the patched runtime; returns the lib dir (build/bin).
+    ``cuda``: the separate CUDA build (ggml-cuda with our kernels), see CUDA_CMAKE_ARGS."""
+    key = build_key(cuda)
+    work = _work_dir(key, cuda)
+    cmake_args = CUDA_CMAKE_ARGS if cuda else CMAKE_ARGS
+    targets = CUDA_TARGETS if cuda else TARGETS
     if _stamp(work).exists() and not force:
         print(f"[runtime] up to date: {work}", flush=True)
         if python_package:
             install_python_package(log=_Log(work / "build.log"))
-        return lib_dir()
+        return lib_dir(cuda)
 
     work.mkdir(parents=True, exist_ok=True)
     _stamp(work).unlink(missing_ok=True)
     log = _Log(work / "build.log")
-    log.phase(f"building patched llama.cpp ({SDIST_NAME} {SDIST_VERSION}) in {work}; log: {log.path}")
+    log.phase(f"building patched llama.cpp ({SDIST_NAME} {SDIST_VERSION}{', CUDA' if cuda else ''}) "
+              f"in {work}; log: {log.path}")
     try:
         for exe in ("cmake", "ninja"):
             if shutil.which(exe) is None:
@@ -332,8 +427,12 @@ def build(force: bool = False, python_package: bool = True, jobs: int | None = N
         patch = _load_patch_module()
         try:
             patch.apply(root, verbose=False)
+            if cuda:
+                log.phase("patch: applying the HIQ2 CUDA kernels")
+                _load_patch_module(CUDA_KERNELS_DIR / "patch.py", "hiq2_cuda_patch").apply(root, verbose=False)
         except patch.PatchError as e:
             raise BuildError(str(e)) from e
+        extra = _cuda_extra(log) if cuda else []
 
         bdir = work / "build"
         if force:
@@ -342,11 +441,12 @@ def build(force: bool = False, python_package: bool = True, jobs: int | None = N
         if shutil.which("ccache") is None:
             log.phase("note: ccache not found; rebuilds after kernel edits will be slower")
         log.phase("cmake: configure")
-        log.run(["cmake", "-S", root, "-B", bdir, "-G", "Ninja", *CMAKE_ARGS], env=env)
+        log.run(["cmake", "-S", root, "-B", bdir, "-G", "Ninja", *cmake_args, *extra], env=env)
 
         jobs = jobs or os.cpu_count() or 2
-        log.phase(f"cmake: build {len(TARGETS)} targets with {jobs} jobs (this takes minutes on a few cores)")
-        log.run(["cmake", "--build", bdir, "-j", str(jobs), "--target", *TARGETS], env=env)
+        log.phase(f"cmake: build {len(targets)} targets with {jobs} jobs (this takes minutes on a few cores"
+                  f"{'; the CUDA backend much longer' if cuda else ''})")
+        log.run(["cmake", "--build", bdir, "-j", str(jobs), "--target", *targets], env=env)
 
         libd = bdir / "bin"
         if not (libd / "libllama.so").exists() and not (libd / "libllama.dylib").exists():
@@ -355,8 +455,8 @@ def build(force: bool = False, python_package: bool = True, jobs: int | None = N
         # the C build is complete: stamp it before the (network-dependent) Python install
         tmp = work / "COMPLETE.tmp"
         tmp.write_text(json.dumps({
-            "key": key, "sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "cmake_args": CMAKE_ARGS,
-            "targets": TARGETS, "lib_dir": str(libd), "seconds": round(time.monotonic() - log.t0, 1),
+            "key": key, "sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "cmake_args": cmake_args + extra,
+            "targets": targets, "cuda": cuda, "lib_dir": str(libd), "seconds": round(time.monotonic() - log.t0, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=1))
         os.replace(tmp, _stamp(work))                 # atomic: a killed build leaves no stamp
@@ -402,13 +502,15 @@ def add_build_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild from scratch even if up to date")
     parser.add_argument("--no-python", action="store_true", help="do not install the llama-cpp-python bindings")
     parser.add_argument("-j", "--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="the separate CUDA build (ggml-cuda + HIQ2 CUDA kernels; needs nvcc, not a GPU)")
 
 
 def main_build(args) -> int:
     try:
         d = build(force=getattr(args, "force", False),
                   python_package=not getattr(args, "no_python", False),
-                  jobs=getattr(args, "jobs", None))
+                  jobs=getattr(args, "jobs", None), cuda=getattr(args, "cuda", False))
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -420,7 +522,8 @@ def main_path(args) -> int:
     """Print the lib dir, or with args.tool set, that tool's path."""
     try:
         name = getattr(args, "tool", None)
-        print(tool(name) if name else lib_dir())
+        cuda = getattr(args, "cuda", False)
+        print(tool(name, cuda) if name else lib_dir(cuda))
     except RuntimeMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -434,5 +537,6 @@ if __name__ == "__main__":  # python -m hiq2gguf.runtime [build|path [tool]]
     add_build_arguments(sub.add_parser("build"))
     pp = sub.add_parser("path")
     pp.add_argument("tool", nargs="?")
+    pp.add_argument("--cuda", action="store_true")
     a = ap.parse_args()
     sys.exit(main_build(a) if a.cmd == "build" else main_path(a))
