@@ -7,7 +7,7 @@ differs from its parent.
 
 from converters.base import (ModelConverter, UnsupportedArchitecture, converter_for,
                              register, supported_model_types)
-from converters import llama  # noqa: F401  (registers the llama family)
+from converters import gemma, llama, qwen  # noqa: F401  (register their architectures)
 
 __all__ = ["ModelConverter", "UnsupportedArchitecture", "converter_for", "register",
            "supported_model_types"]

@@ -22,6 +22,8 @@ def dequantized_state(path, converter, shapes: dict[str, tuple[int, ...]]) -> di
         raw = np.asarray(t.data)
         if is_hiq2(t.tensor_type):
             w = get_type(int(t.tensor_type)).dequantize(raw.reshape(shape[0], -1))
+        elif t.tensor_type == gguf.GGMLQuantizationType.F32:
+            w = converter.from_gguf_values(hf_name, np.array(raw, dtype=np.float32).reshape(shape))
         else:
             w = np.asarray(gguf.quants.dequantize(raw, t.tensor_type)).reshape(shape)
         perm = converter.row_permutation(hf_name)

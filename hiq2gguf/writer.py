@@ -107,7 +107,7 @@ def write_gguf(path: Path, converter, model, source, tokenizer, packed: dict[str
                 raw = stock[hf_name] if perm is None else stock[hf_name][perm]
                 w.add_tensor(name, np.ascontiguousarray(raw), raw_shape=raw.shape, raw_dtype=EMBED_TYPE)
             else:
-                arr = p.detach().to("cpu").float().numpy()
+                arr = converter.to_gguf_values(hf_name, p.detach().to("cpu").float().numpy())
                 if perm is not None:
                     arr = arr[perm]
                 w.add_tensor(name, np.ascontiguousarray(arr))
