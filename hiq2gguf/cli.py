@@ -1,4 +1,4 @@
-"""Command line: hiq2gguf convert | run | ppl | inspect | runtime."""
+"""Command line: hiq2gguf convert | run | ppl | eval | inspect | runtime."""
 
 from __future__ import annotations
 
@@ -62,6 +62,19 @@ def _inspect(a) -> int:
 
     info = inspect_gguf(a.gguf)
     print(json.dumps(info, indent=2) if a.json else format_table(info))
+    return 0
+
+
+def _eval(a) -> int:
+    from hiq2gguf import lmeval
+    from hiq2gguf.eval_tasks import parse_tasks
+
+    report = lmeval.run(a.model, parse_tasks(a.tasks), limit=a.limit, backend=a.backend, n_ctx=a.ctx,
+                        threads=a.threads, progress=not a.quiet)
+    print(report["table"])
+    print(f"{report['backend']}, {report['seconds']:.0f} s")
+    if a.json:
+        lmeval.write_json(report, a.json)
     return 0
 
 
@@ -138,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("gguf")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_inspect)
+
+    e = sub.add_parser("eval", help="zero-shot tasks with lm-eval, offline (our GGUF or the reference)")
+    e.add_argument("model", nargs="?", default=None,
+                   help="our GGUF (scored by llama.cpp) or a HF directory / stock GGUF / the embedded "
+                        "default (scored in PyTorch, float)")
+    e.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada",
+                   help="comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, lambada")
+    e.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    e.add_argument("--json", help="write the results here")
+    e.add_argument("--backend", choices=["auto", "llamacpp", "torch"], default="auto")
+    e.add_argument("--ctx", type=int, default=1024, help="longest scored sequence in tokens")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=_eval)
 
     rt = sub.add_parser("runtime", help="build or locate the patched llama.cpp")
     rt.add_argument("action", choices=["build", "path"])
