@@ -70,3 +70,29 @@ def collect_fisher(model, params, windows: list[list[int]], progress: bool = Tru
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
     return (collector.fisher(), gptq) if hessians else collector.fisher()
+
+
+@torch.no_grad()
+def collect_input_squares(model, params, windows: list[list[int]], progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared input activation of every column of every weight in ``params``,
+    E[x_j^2] over all calibration tokens: the diagonal of the GPTQ Hessian X^T X / n,
+    and what llama-imatrix collects (the importance matrix of ggml's quantizers)."""
+    modules = dict(model.named_modules())
+    sums = {n: torch.zeros(p.shape[1], dtype=torch.float64) for n, p in params.items()}
+    counts = dict.fromkeys(params, 0)
+
+    def hook(name):
+        def add(module, inp, out):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).to(torch.float64)
+            sums[name] += (x * x).sum(0)
+            counts[name] += x.shape[0]
+        return add
+
+    hooks = [modules[n.rsplit(".", 1)[0]].register_forward_hook(hook(n)) for n in params]
+    try:
+        for w in tqdm(windows, desc="input squares", unit="seq", disable=not progress):
+            model(input_ids=torch.tensor([w]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n] / max(counts[n], 1)).to(torch.float32) for n in params}

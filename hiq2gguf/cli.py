@@ -14,6 +14,7 @@ def _convert(a) -> int:
     ratio = RatioConfig(estimator=a.estimator, ratios=a.ratios, solver=a.solver, time_limit=a.time_limit,
                         cache=not a.no_cache)
     cfg = ConvertConfig(bpw=a.bpw, method=a.method, preset=a.preset, ratio_strategy=a.ratio_strategy, ratio=ratio,
+                        target=a.target, stock_types=a.stock_types,
                         calib_windows=a.calib_windows, eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
                         progress=not a.quiet)
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bpw", type=float, required=True,
                    help="budget in bits per quantized linear weight (never exceeded)")
     c.add_argument("--report", help="write a JSON report here")
+    c.add_argument("--target", choices=["hiq2", "stock"], default="hiq2",
+                   help="hiq2: our types (patched llama.cpp); stock: the optimizer picks a stock llama.cpp "
+                        "type per weight (any llama.cpp loads the file)")
+    c.add_argument("--stock-types", help="--target stock: allowed types, e.g. Q2_K,Q3_K,Q4_K,Q4_0,IQ4_NL "
+                                         "(default: k-, legacy and IQ2..IQ4 types within 1 bpw of --bpw)")
     c.add_argument("--method", choices=["rtn", "gptq", "lwc", "adaround", "hybrid"], default="hybrid",
                    help="quantizer on the HIQ2 grid: rtn layer by layer; the others block by block "
                         "on the calibration text (default hybrid: learned clipping, then learned "

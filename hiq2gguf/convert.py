@@ -36,6 +36,8 @@ class ConvertConfig:
     preset: str = "fast"                      # reconstruction settings: fast (CPU) | paper (learned.PRESETS)
     ratio_strategy: str = "optimized"         # optimized (per-layer ratios, see plan.py) | fixed
     ratio: RatioConfig = field(default_factory=RatioConfig)
+    target: str = "hiq2"                      # hiq2 | stock (stock llama.cpp types only, stock.py)
+    stock_types: str | None = None            # target stock: allowed types, e.g. "Q2_K,Q3_K,IQ4_NL"
     evaluate: bool = True                     # measure ppl: reference, torch, llama.cpp
     threads: int = 2
     progress: bool = True
@@ -59,6 +61,7 @@ class Calibration:
     windows: list[list[int]]
     fisher: dict[str, torch.Tensor]
     seconds: float
+    input_squares: dict[str, torch.Tensor] | None = None   # target stock: ggml's importance matrix
 
 
 class Conversion:
@@ -103,7 +106,16 @@ class Conversion:
                                      cfg.calib_windows, self.bos)
         params = linear_weights(self.model, self.converter.is_linear)
         fisher = collect_fisher(self.model, params, windows, cfg.progress)
-        return Calibration(windows, fisher, time.time() - t0)
+        squares = None
+        if cfg.target == "stock":
+            from hiq2gguf.calibrate import collect_input_squares
+            squares = collect_input_squares(self.model, params, windows, cfg.progress)
+        return Calibration(windows, fisher, time.time() - t0, squares)
+
+    def stock_quantizer(self, calib: Calibration):
+        from hiq2gguf.stock import StockQuantizer
+
+        return StockQuantizer(calib.input_squares, self.cfg.threads)
 
     def plan(self, calib: Calibration, bpw: float | None = None,
              strategy: str | None = None, ratio: RatioConfig | None = None) -> tuple[dict[str, HIQ2Type], dict]:
@@ -111,6 +123,16 @@ class Conversion:
 
         bpw = self.cfg.bpw if bpw is None else bpw
         strategy = strategy or self.cfg.ratio_strategy
+        candidates = None
+        if self.cfg.target == "stock":
+            from hiq2gguf.stock import parse_stock_types, stock_candidates
+
+            if strategy == "fixed":
+                raise BudgetError("--target stock chooses types with the optimizer; for one type everywhere "
+                                  "use llama-quantize")
+            candidates = stock_candidates(self.shapes, self.stock_quantizer(calib), bpw,
+                                          parse_stock_types(self.cfg.stock_types),
+                                          spread=None if self.cfg.stock_types else 1.0)
         if strategy == "fixed":
             plan = fixed_plan(self.shapes, bpw)
             _log(self.cfg, f"every linear weight -> {next(iter(plan.values())).name}")
@@ -118,7 +140,8 @@ class Conversion:
         t0 = time.time()
         params = linear_weights(self.model, self.converter.is_linear)
         plan, info = optimized_plan(self.model, params, calib.fisher, bpw, calib.windows,
-                                    self.converter.block_index, ratio or self.cfg.ratio, self.cfg.progress)
+                                    self.converter.block_index, ratio or self.cfg.ratio, self.cfg.progress,
+                                    candidates=candidates)
         s = info["solver"]
         _log(self.cfg, f"{info['estimator']} estimator, solver {s['method']}: {s['status']}, "
                        f"objective {s['objective']:.4g}, gap {s['gap']:.2g}, {s['seconds']:.1f} s")
@@ -135,6 +158,12 @@ class Conversion:
 
     def quantize(self, plan: dict[str, HIQ2Type], calib: Calibration):
         """Codes -> packed bytes; the torch model gets exactly the dequantized weights."""
+        if self.cfg.target == "stock":                  # ggml's quantizers, one layer at a time
+            from hiq2gguf.stock import quantize_linears
+
+            self.block_records = []
+            packed = quantize_linears(self.model, plan, self.stock_quantizer(calib), self.cfg.progress)
+            return packed, quantize_embeddings(self.model, self.converter)
         fn = self.quantize_fn(calib, plan)
         out = quantize_model(self.model, self.converter, plan, fn, self.cfg.progress)
         self.block_records = [asdict(r) for r in getattr(fn, "records", [])]   # block-sequential methods
@@ -143,7 +172,8 @@ class Conversion:
     def write(self, out: Path, packed, stock, bpw: float | None = None) -> dict:
         bpw = self.cfg.bpw if bpw is None else bpw
         write_gguf(out, self.converter, self.model, self.source, self.tokenizer, packed, stock,
-                   {"ratio_strategy": self.cfg.ratio_strategy, "bpw_budget": float(bpw)})
+                   {"ratio_strategy": self.cfg.ratio_strategy, "bpw_budget": float(bpw),
+                    "target": self.cfg.target})
         return size_report(out, packed)
 
 
@@ -158,14 +188,25 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     out = Path(out)
     if not math.isfinite(cfg.bpw):
         raise BudgetError(f"--bpw must be a number, got {cfg.bpw}")
-    check_budget(cfg.bpw)                   # fail on a bad budget before any heavy work
+    if cfg.target not in ("hiq2", "stock"):
+        raise ValueError(f"unknown target {cfg.target!r} (hiq2 | stock)")
+    if cfg.target == "stock":               # fail on bad input before any heavy work
+        from hiq2gguf.stock import parse_stock_types
+        parse_stock_types(cfg.stock_types)
+        if cfg.ratio_strategy == "fixed":
+            raise BudgetError("--target stock chooses types with the optimizer: use --ratio-strategy optimized")
+        if cfg.bpw <= 0:
+            raise BudgetError(f"--bpw must be positive, got {cfg.bpw:g}")
+    else:
+        check_budget(cfg.bpw)               # fail on a bad budget before any heavy work
     if cfg.ratio_strategy not in ("fixed", "optimized"):
         raise ValueError(f"unknown ratio strategy {cfg.ratio_strategy!r}")
     if cfg.ratio_strategy == "optimized" and cfg.ratio.ratios:
         parse_ratios(cfg.ratio.ratios)
     conv = Conversion(cfg, model_ref)
     _log(cfg, f"{len(conv.shapes)} linear weights, budget {cfg.bpw:g} bits per weight, "
-              f"{cfg.ratio_strategy} ratios, {cfg.method}")
+              + ("stock llama.cpp types (ggml quantizers)" if cfg.target == "stock"
+                 else f"{cfg.ratio_strategy} ratios, {cfg.method}"))
     report: dict = {"model": str(conv.source.path), "config": asdict(cfg)}
 
     eval_windows = None
@@ -183,7 +224,7 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
 
     t0 = time.time()
     packed, stock = conv.quantize(plan, calib)
-    report["method"] = cfg.method
+    report["method"] = "ggml" if cfg.target == "stock" else cfg.method
     report["blocks"] = conv.block_records
     report["quantize_seconds"] = round(time.time() - t0, 1)
 
@@ -194,7 +235,8 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     # the same windows through PyTorch (fake-quant) and llama.cpp (the file)
     if cfg.evaluate:
         # with a GPU and Triton the linears multiply from the packed bytes (kernels/triton)
-        torch_model = evaluate.gpu_packed_model(conv.model, packed) or conv.model
+        packed_model = evaluate.gpu_packed_model(conv.model, packed) if cfg.target == "hiq2" else None
+        torch_model = packed_model or conv.model
         report["ppl"]["torch"] = evaluate.ppl_torch(torch_model, eval_windows, cfg.progress, "ppl torch").ppl
         report["ppl"]["torch_device"] = str(next(torch_model.parameters()).device)
         report["ppl"]["llamacpp"] = ppl_file(out, eval_windows, cfg)
@@ -209,7 +251,8 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     report["seconds"] = round(time.time() - t_start, 1)
     if report_path:
         write_report(report, report_path)
-        plot_ratios(report, Path(report_path).with_suffix(".png"))
+        if cfg.target == "hiq2":
+            plot_ratios(report, Path(report_path).with_suffix(".png"))
     return report
 
 
@@ -234,14 +277,20 @@ def quantize_model(model, converter, plan: dict[str, HIQ2Type], quantize_fn: Cal
         packed[name] = PackedTensor(qtype=qtype, raw=qtype.pack(codes), shape=tuple(p.shape))
         with torch.no_grad():
             p.data.copy_(dequantize_torch(codes))
+    return packed, quantize_embeddings(model, converter)
+
+
+def quantize_embeddings(model, converter) -> dict[str, object]:
+    """Embeddings (and an untied head) -> stock Q8_0 bytes; the torch model gets their
+    dequantized values."""
     stock = {}
-    for name, p in params.items():
+    for name, p in model.named_parameters():
         if name.endswith("embed_tokens.weight") or (name == "lm_head.weight" and not converter.skip(name)):
             raw, deq = stock_roundtrip(p.detach().numpy())
             stock[name] = raw
             with torch.no_grad():
                 p.data.copy_(torch.from_numpy(deq))
-    return packed, stock
+    return stock
 
 
 def _plain_rtn(name, w, n_high):
@@ -249,13 +298,13 @@ def _plain_rtn(name, w, n_high):
 
 
 def size_report(path: Path, packed: dict[str, PackedTensor]) -> dict:
-    """bpw of the quantized linear weights (all bytes they occupy) and of the whole file."""
+    """bpw of the quantized linear weights (all bytes they occupy: written unchanged)
+    and of the whole file."""
     from hiq2gguf.inspect import inspect_gguf
 
     info = inspect_gguf(path)
-    ours = [t for t in info["tensors"] if t["ours"]]
-    bits = sum(t["bytes"] * 8 for t in ours)
-    elems = sum(t["elements"] for t in ours)
+    bits = sum(t.raw.nbytes * 8 for t in packed.values())
+    elems = sum(t.shape[0] * t.shape[1] for t in packed.values())
     return {
         "bpw": bits / elems,
         "file_bpw": info["file_bytes"] * 8 / info["parameters"],

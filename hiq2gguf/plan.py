@@ -4,7 +4,8 @@ chosen by the quadratic loss model under the bits budget."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -53,17 +54,71 @@ def candidate_types(bpw: float, spread: float = 1.0) -> list[HIQ2Type]:
     return [t for t in HIQ2_TYPES.values() if lo - 1e-9 <= t.bpw <= hi + 1e-9]
 
 
-def candidate_perturbations(params, fisher, types: dict[str, list[HIQ2Type]],
-                            progress: bool = True) -> dict[str, list[torch.Tensor]]:
-    """Delta = Q_t(W) - W for every layer and candidate type (bfloat16 to halve memory)."""
+class Candidate(Protocol):
+    """One way to store a weight, as the optimizer sees it: the type the plan records,
+    its exact size in the file, and the perturbation Delta = Q(W) - W it causes.
+    HIQ2 members (below) and stock llama.cpp types (stock.py) are two kinds."""
+
+    qtype: object
+
+    def bits(self, shape: tuple[int, int]) -> int: ...
+
+    def delta(self, name: str, w: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class HIQ2Candidate:
+    """An HIQ2 member; Delta from Fisher-weighted RTN (a representative, cheap rounding)."""
+
+    qtype: HIQ2Type
+    fisher: dict = field(repr=False, compare=False, hash=False)
+
+    def bits(self, shape: tuple[int, int]) -> int:
+        return layer_bits(shape, self.qtype)
+
+    def delta(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return dequantize_torch(quantize_rtn(w, self.qtype.n_high, self.fisher[name], ESTIMATE_RTN)) - w
+
+
+@dataclass
+class CandidateSet:
+    """The optimizer's choices for every weight (layers may differ: row-size rules)."""
+
+    layers: dict[str, list[Candidate]]
+    settings: dict                       # what the Deltas depend on besides weights and windows (cache key)
+    uniform: object | None = None        # a type every layer may take: the fixed plan it is compared with
+
+    @property
+    def names(self) -> list[str]:
+        seen = {c.qtype.name: c.qtype for cs in self.layers.values() for c in cs}
+        return [n for n, _ in sorted(seen.items(), key=lambda kv: (kv[1].bpw, kv[0]))]
+
+
+def hiq2_candidates(names, fisher, bpw: float, cfg: RatioConfig) -> CandidateSet:
+    """The same members for every weight: ``cfg.ratios``, or those within 1 bpw of the budget."""
+    types = parse_ratios(cfg.ratios) if cfg.ratios else candidate_types(bpw)
+    fixed = fixed_ratio_type(bpw) if bpw >= min_bpw() - 1e-9 else None
+    return CandidateSet({n: [HIQ2Candidate(t, fisher) for t in types] for n in names},
+                        {"candidates": tuple(t.name for t in types), "rtn": repr(ESTIMATE_RTN)},
+                        fixed if fixed in types else None)
+
+
+def perturbations(params, layers: dict[str, list[Candidate]], progress: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Delta = Q(W) - W for every layer and candidate (bfloat16 to halve memory)."""
     from tqdm import tqdm
 
     out = {}
-    for n in tqdm(list(types), desc="candidates", unit="layer", disable=not progress):
+    for n in tqdm(list(layers), desc="candidates", unit="layer", disable=not progress):
         w = params[n].data
-        out[n] = [(dequantize_torch(quantize_rtn(w, t.n_high, fisher[n], ESTIMATE_RTN)) - w).to(torch.bfloat16)
-                  for t in types[n]]
+        out[n] = [c.delta(n, w).to(torch.bfloat16) for c in layers[n]]
     return out
+
+
+def candidate_perturbations(params, fisher, types: dict[str, list[HIQ2Type]],
+                            progress: bool = True) -> dict[str, list[torch.Tensor]]:
+    """Delta = Q_t(W) - W for every layer and HIQ2 member (bfloat16 to halve memory)."""
+    return perturbations(params, {n: [HIQ2Candidate(t, fisher) for t in ts] for n, ts in types.items()},
+                         progress)
 
 
 @dataclass
@@ -111,32 +166,34 @@ def parse_ratios(spec: str) -> list[HIQ2Type]:
 
 def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[str, torch.Tensor],
                    bpw: float, windows: list[list[int]], block_of=None, cfg: RatioConfig = RatioConfig(),
-                   progress: bool = True) -> tuple[dict[str, HIQ2Type], dict]:
+                   progress: bool = True, candidates: CandidateSet | None = None) -> tuple[dict[str, HIQ2Type], dict]:
     """Per-layer types minimizing 1/2 d^T M d under the budget; ``info`` describes the
-    estimator and the solver run."""
+    estimator and the solver run. ``candidates``: the choices per weight (default: the
+    HIQ2 members of ``hiq2_candidates``; stock types: ``stock.stock_candidates``)."""
     from hiq2gguf.runtime import cache_dir
     from hiq2gguf.sensitivity import ESTIMATORS, Checkpoint, cache_key
 
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r} (choose from {', '.join(ESTIMATORS)})")
-    cands = parse_ratios(cfg.ratios) if cfg.ratios else candidate_types(bpw)
     names = list(params)
+    cset = candidates or hiq2_candidates(names, fisher, bpw, cfg)
+    layers = [cset.layers[n] for n in names]
     shapes = {n: tuple(params[n].shape) for n in names}
     elements = sum(s[0] * s[1] for s in shapes.values())
-    bits = [[layer_bits(shapes[n], t) for t in cands] for n in names]
+    bits = [[c.bits(shapes[n]) for c in cs] for n, cs in zip(names, layers)]
     lo, hi = (sum(f(b) for b in bits) / elements for f in (min, max))
     if bpw * elements < sum(min(b) for b in bits):
-        raise BudgetError(f"--bpw {bpw:g} is infeasible with candidates {', '.join(t.name for t in cands)}: "
+        raise BudgetError(f"--bpw {bpw:g} is infeasible with candidates {', '.join(cset.names)}: "
                           f"the smallest achievable is {lo:.4f}, the largest {hi:.4f}")
 
     forced = _forced_choice(bits, bpw * elements)
     if forced is not None:
-        plan = {n: cands[c] for n, c in zip(names, forced)}
+        plan = {n: cs[c].qtype for n, cs, c in zip(names, layers, forced)}
         return plan, {"solver": {"name": "none", "method": "forced", "status": "only one feasible choice",
                                  "objective": None, "gap": 0.0, "seconds": 0.0, "iterations": 0},
                       "estimator": cfg.estimator, "estimator_seconds": 0.0,
                       "estimator_cache": {"path": None, "resumed": False},
-                      "candidates": [t.name for t in cands], "predicted_loss_increase": None,
+                      "candidates": cset.names, "predicted_loss_increase": None,
                       "predicted_loss_increase_fixed": None}
 
     if cfg.estimator == "loss":
@@ -144,7 +201,7 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
         settings = {"loss_ctx": cfg.loss_ctx, "pairs": cfg.pairs}
     else:
         est_windows, settings = windows, {}
-    settings.update(estimator=cfg.estimator, candidates=tuple(t.name for t in cands), rtn=repr(ESTIMATE_RTN))
+    settings.update(estimator=cfg.estimator, **cset.settings)
     key = cache_key(params, est_windows, settings)
     path = cache_dir() / "sensitivity" / f"{cfg.estimator}-{key}.npz"
     ckpt = Checkpoint(path if cfg.cache else None)
@@ -152,7 +209,7 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
     M = ckpt.get("M")
     resumed = M is not None or bool(ckpt.arrays)
     if M is None:
-        deltas = candidate_perturbations(params, fisher, {n: cands for n in names}, progress)
+        deltas = perturbations(params, cset.layers, progress)
         est = ESTIMATORS[cfg.estimator](model, params, deltas, block_of=block_of, progress=progress,
                                         **({"pairs": cfg.pairs} if cfg.estimator == "loss" else {}))
         M = est.estimate(est_windows, ckpt)
@@ -163,16 +220,16 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
 
     problem = RatioProblem(bits=bits, M=M, budget_bits=bpw * elements)
     sol = solve(problem, cfg.solver, time_limit=cfg.time_limit)
-    plan = {n: cands[c] for n, c in zip(names, sol.choice)}
+    plan = {n: cs[c].qtype for n, cs, c in zip(names, layers, sol.choice)}
     info = {
         "solver": {"name": "highs", "method": sol.method, "status": sol.status, "objective": sol.objective,
                    "gap": sol.gap, "seconds": round(sol.seconds, 2), "iterations": sol.iterations},
         "estimator": cfg.estimator,
         "estimator_seconds": round(est_seconds, 1),       # computing M (also when read from the cache)
         "estimator_cache": {"path": str(path) if cfg.cache else None, "resumed": resumed},
-        "candidates": [t.name for t in cands],
+        "candidates": cset.names,
         "predicted_loss_increase": sol.objective,
-        "predicted_loss_increase_fixed": _fixed_prediction(problem, cands, bpw),
+        "predicted_loss_increase_fixed": _fixed_prediction(problem, layers, cset.uniform),
     }
     return plan, info
 
@@ -187,9 +244,8 @@ def _forced_choice(bits: list[list[int]], budget_bits: float) -> list[int] | Non
     return None
 
 
-def _fixed_prediction(problem: RatioProblem, cands: list[HIQ2Type], bpw: float) -> float | None:
-    """The loss model's prediction for the fixed-ratio plan, if it is among the candidates."""
-    t = fixed_ratio_type(bpw)
-    if t not in cands:
+def _fixed_prediction(problem: RatioProblem, layers: list[list[Candidate]], uniform) -> float | None:
+    """The loss model's prediction for the fixed plan (``uniform`` everywhere), if there is one."""
+    if uniform is None:
         return None
-    return problem.objective([cands.index(t)] * len(problem.bits))
+    return problem.objective([[c.qtype for c in cs].index(uniform) for cs in layers])

@@ -20,7 +20,8 @@ EMBED_TYPE = gguf.GGMLQuantizationType.Q8_0
 
 @dataclass
 class PackedTensor:
-    """A weight in HF row order, already packed into one of our types."""
+    """A weight in HF row order, already packed into one of our types (or, with
+    ``--target stock``, a stock ggml type: stock.StockType)."""
 
     qtype: HIQ2Type
     raw: np.ndarray       # uint8 [rows, row_bytes]
