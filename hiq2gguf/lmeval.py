@@ -73,7 +73,9 @@ class LlamaCppScorer:
 
 
 class TorchScorer:
-    """A Hugging Face model (default: the embedded model's float reference) in PyTorch."""
+    """A Hugging Face model (default: the embedded model's float reference) in PyTorch.
+    Like the llama.cpp scorer, it keeps the KV cache and logits of the last sequence
+    and computes only what follows the prefix a new sequence shares with it."""
 
     name = "torch"
 
@@ -88,6 +90,9 @@ class TorchScorer:
         tok = self.tokenizer
         self.bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
         self.prefix_token = self.bos if self.bos is not None else (tok.bos_token_id or tok.eos_token_id)
+        self._tokens: list[int] = []          # the cached sequence, its KV cache and logits
+        self._cache = None
+        self._logits = None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -96,11 +101,28 @@ class TorchScorer:
         return self.tokenizer.decode(tokens)
 
     def logits(self, tokens: list[int], first: int) -> np.ndarray:
+        """Next-token logits after each of tokens[first:] (rows first .. len-1)."""
         import torch
+        from transformers import DynamicCache
 
+        keep = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)       # at least one new token: the model needs input
+        try:
+            if keep == 0:
+                raise ValueError("nothing to reuse")
+            self._cache.crop(keep)
+        except Exception:                       # no shared prefix, or a cache that cannot be cropped
+            keep, self._cache = 0, DynamicCache(config=self.model.config)
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([tokens])).logits[0, first:]
-        return out.float().numpy()
+            new = self.model(input_ids=torch.tensor([tokens[keep:]]), past_key_values=self._cache,
+                             use_cache=True).logits[0].float().numpy()
+        self._logits = new if keep == 0 else np.concatenate([self._logits[:keep], new])
+        self._tokens = list(tokens)
+        return self._logits[first:]
 
     def generate(self, tokens: list[int], until: list[str], max_tokens: int) -> str:
         import torch
