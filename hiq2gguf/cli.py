@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--force", action="store_true", help="rebuild even if cached")
     rt.add_argument("--cuda", action="store_true",
                     help="the separate CUDA build (HIQ2 CUDA kernels; needs nvcc, not a GPU)")
+    rt.add_argument("--rpc", action="store_true",
+                    help="a separate build with llama.cpp's RPC backend and rpc-server (distributed inference)")
     rt.set_defaults(func=_runtime)
     return p
 

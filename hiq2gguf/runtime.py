@@ -8,7 +8,9 @@ llama-cpp-python package (Python bindings only) into the current interpreter.
 
 ``build(cuda=True)`` (``hiq2gguf runtime build --cuda``) makes a second, separate
 build with ggml's CUDA backend and our CUDA kernels (kernels/cuda) for one GPU
-architecture; nvcc is needed, a GPU is not.
+architecture; nvcc is needed, a GPU is not. ``build(rpc=True)`` (``--rpc``) adds
+llama.cpp's RPC backend and its server (``ggml-rpc-server``) for inference split
+across machines.
 
 Layout under the cache dir ($HIQ2GGUF_CACHE or ~/.cache/hiq2gguf):
     dl/llama_cpp_python-<ver>.tar.gz          the sdist (downloaded once)
@@ -17,6 +19,7 @@ Layout under the cache dir ($HIQ2GGUF_CACHE or ~/.cache/hiq2gguf):
     runtime/llama.cpp-<ver>-<key>/build.log   full tool output
     runtime/llama.cpp-<ver>-<key>/COMPLETE    stamp, written last
     runtime-cuda/llama.cpp-<ver>-<key>/       the same for the CUDA build
+    runtime-rpc/llama.cpp-<ver>-<key>/        the same for the RPC build (runtime-cuda-rpc/: both)
     cuda-extra/                               cuBLAS headers/libraries (PyPI wheel) when
                                               the CUDA toolkit has none
 ``key`` is a sha256 over the sdist version, kernels/ggml/* (CUDA build: and
@@ -98,6 +101,20 @@ CUDA_TARGETS = ["llama", "ggml", "ggml-base", "ggml-cpu", "ggml-cuda",
 # cuBLAS for toolkits installed without it (as here): the PyPI wheel matching CUDA 13.0
 CUBLAS_WHEEL = ("nvidia-cublas", "13.0.2.14")
 
+# The RPC build (`runtime build --rpc`): the CPU (or CUDA) build plus llama.cpp's RPC
+# backend and rpc-server, so a model of ours can be split across machines.
+RPC_CMAKE_ARGS = ["-DGGML_RPC=ON"]
+RPC_TARGETS = ["ggml-rpc", "ggml-rpc-server"]   # the server binary of this llama.cpp is ggml-rpc-server
+
+
+def _flavor(cuda: bool = False, rpc: bool = False) -> tuple[str, list[str], list[str]]:
+    """(cache folder, CMake arguments, targets) of one kind of build; each kind has
+    its own folder and key, so building one never invalidates or prunes another."""
+    folder = "runtime" + ("-cuda" if cuda else "") + ("-rpc" if rpc else "")
+    args = (CUDA_CMAKE_ARGS if cuda else CMAKE_ARGS) + (RPC_CMAKE_ARGS if rpc else [])
+    targets = (CUDA_TARGETS if cuda else TARGETS) + (RPC_TARGETS if rpc else [])
+    return folder, args, targets
+
 
 class RuntimeMissing(RuntimeError):
     """The patched llama.cpp runtime is not built (or lacks what was asked for)."""
@@ -133,7 +150,8 @@ def _cuda_kernel_files() -> list[Path]:
                   if p.is_file() and p.suffix in (".cuh", ".cu", ".py") and not p.name.startswith("."))
 
 
-def build_key(cuda: bool = False) -> str:
+def build_key(cuda: bool = False, rpc: bool = False) -> str:
+    _, cmake_args, targets = _flavor(cuda, rpc)
     h = hashlib.sha256()
     h.update(f"sdist={SDIST_NAME}=={SDIST_VERSION}\n".encode())
     for p in _kernel_files():
@@ -143,24 +161,24 @@ def build_key(cuda: bool = False) -> str:
         for p in _cuda_kernel_files():
             h.update(f"file=cuda/{p.name}\n".encode())
             h.update(p.read_bytes())
-    h.update(("cmake=" + "\0".join(CUDA_CMAKE_ARGS if cuda else CMAKE_ARGS) + "\n").encode())
-    h.update(("targets=" + "\0".join(CUDA_TARGETS if cuda else TARGETS) + "\n").encode())
+    h.update(("cmake=" + "\0".join(cmake_args) + "\n").encode())
+    h.update(("targets=" + "\0".join(targets) + "\n").encode())
     return h.hexdigest()
 
 
-def _work_dir(key: str | None = None, cuda: bool = False) -> Path:
-    key = key or build_key(cuda)
-    # CUDA builds live in their own folder: pruning old CPU builds never touches them
-    return cache_dir() / ("runtime-cuda" if cuda else "runtime") / f"llama.cpp-{SDIST_VERSION}-{key[:16]}"
+def _work_dir(key: str | None = None, cuda: bool = False, rpc: bool = False) -> Path:
+    key = key or build_key(cuda, rpc)
+    # CUDA / RPC builds live in their own folders: pruning old CPU builds never touches them
+    return cache_dir() / _flavor(cuda, rpc)[0] / f"llama.cpp-{SDIST_VERSION}-{key[:16]}"
 
 
 def _stamp(work: Path) -> Path:
     return work / "COMPLETE"
 
 
-def _find_built(require: bool = True, cuda: bool = False) -> Path | None:
+def _find_built(require: bool = True, cuda: bool = False, rpc: bool = False) -> Path | None:
     """Work dir of the build matching the current sources (if complete)."""
-    work = _work_dir(cuda=cuda)
+    work = _work_dir(cuda=cuda, rpc=rpc)
     if _stamp(work).exists():
         return work
     if require:
@@ -168,25 +186,28 @@ def _find_built(require: bool = True, cuda: bool = False) -> Path | None:
         detail = f"no complete build for the current kernel sources under {work.parent}"
         if others:
             detail += f"; {len(others)} build(s) for other sources exist (kernels changed since)"
-        if cuda:
-            raise RuntimeMissing(message="the CUDA build of the patched llama.cpp is not built; run "
-                                         f"`hiq2gguf runtime build --cuda` ({detail})")
+        kinds = [k for k, on in (("cuda", cuda), ("rpc", rpc)) if on]
+        if kinds:
+            flags = " ".join(f"--{k}" for k in kinds)
+            raise RuntimeMissing(message=f"the {'+'.join(kinds).upper()} build of the patched llama.cpp is "
+                                         f"not built; run `hiq2gguf runtime build {flags}` ({detail})")
         raise RuntimeMissing(detail)
     return None
 
 
-def lib_dir(cuda: bool = False) -> Path:
+def lib_dir(cuda: bool = False, rpc: bool = False) -> Path:
     """Directory holding libllama.so and libggml*.so of the patched build."""
-    work = _find_built(cuda=cuda)
+    work = _find_built(cuda=cuda, rpc=rpc)
     for d in (work / "build" / "bin", work / "build" / "lib"):
         if (d / "libllama.so").exists() or (d / "libllama.dylib").exists():
             return d
     raise RuntimeMissing(f"libllama not found in {work / 'build'}")
 
 
-def tool(name: str, cuda: bool = False) -> Path:
-    """Path of a built tool, e.g. tool('llama-perplexity')."""
-    work = _find_built(cuda=cuda)
+def tool(name: str, cuda: bool = False, rpc: bool = False) -> Path:
+    """Path of a built tool, e.g. tool('llama-perplexity'), tool('rpc-server', rpc=True)."""
+    work = _find_built(cuda=cuda, rpc=rpc)
+    name = {"rpc-server": "ggml-rpc-server"}.get(name, name)   # its name in llama.cpp's docs
     p = work / "build" / "bin" / name
     if not p.exists() and name in NOT_BUILT:
         raise RuntimeMissing(message=f"{name} is not part of the hiq2gguf runtime: {NOT_BUILT[name]}")
@@ -197,9 +218,9 @@ def tool(name: str, cuda: bool = False) -> Path:
     return p
 
 
-def is_built(cuda: bool = False) -> bool:
+def is_built(cuda: bool = False, rpc: bool = False) -> bool:
     try:
-        lib_dir(cuda)
+        lib_dir(cuda, rpc)
         return True
     except (RuntimeMissing, BuildError):
         return False
@@ -398,23 +419,24 @@ def _cuda_extra(log: _Log) -> list[str]:
 
 
 def build(force: bool = False, python_package: bool = True, jobs: int | None = None,
-          cuda: bool = False) -> Path:
+          cuda: bool = False, rpc: bool = False) -> Path:
     """Build (if needed) the patched runtime; returns the lib dir (build/bin).
-    ``cuda``: the separate CUDA build (ggml-cuda with our kernels), see CUDA_CMAKE_ARGS."""
-    key = build_key(cuda)
-    work = _work_dir(key, cuda)
-    cmake_args = CUDA_CMAKE_ARGS if cuda else CMAKE_ARGS
-    targets = CUDA_TARGETS if cuda else TARGETS
+    ``cuda``: the separate CUDA build (ggml-cuda with our kernels), see CUDA_CMAKE_ARGS.
+    ``rpc``: a separate build that adds the RPC backend and rpc-server (RPC_CMAKE_ARGS)."""
+    key = build_key(cuda, rpc)
+    work = _work_dir(key, cuda, rpc)
+    _, cmake_args, targets = _flavor(cuda, rpc)
     if _stamp(work).exists() and not force:
         print(f"[runtime] up to date: {work}", flush=True)
         if python_package:
             install_python_package(log=_Log(work / "build.log"))
-        return lib_dir(cuda)
+        return lib_dir(cuda, rpc)
 
     work.mkdir(parents=True, exist_ok=True)
     _stamp(work).unlink(missing_ok=True)
     log = _Log(work / "build.log")
-    log.phase(f"building patched llama.cpp ({SDIST_NAME} {SDIST_VERSION}{', CUDA' if cuda else ''}) "
+    log.phase(f"building patched llama.cpp ({SDIST_NAME} {SDIST_VERSION}{', CUDA' if cuda else ''}"
+              f"{', RPC' if rpc else ''}) "
               f"in {work}; log: {log.path}")
     try:
         for exe in ("cmake", "ninja"):
@@ -456,7 +478,7 @@ def build(force: bool = False, python_package: bool = True, jobs: int | None = N
         tmp = work / "COMPLETE.tmp"
         tmp.write_text(json.dumps({
             "key": key, "sdist": f"{SDIST_NAME}=={SDIST_VERSION}", "cmake_args": cmake_args + extra,
-            "targets": targets, "cuda": cuda, "lib_dir": str(libd), "seconds": round(time.monotonic() - log.t0, 1),
+            "targets": targets, "cuda": cuda, "rpc": rpc, "lib_dir": str(libd), "seconds": round(time.monotonic() - log.t0, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=1))
         os.replace(tmp, _stamp(work))                 # atomic: a killed build leaves no stamp
@@ -504,13 +526,16 @@ def add_build_arguments(parser) -> None:
     parser.add_argument("-j", "--jobs", type=int, default=None, help="parallel build jobs (default: all cores)")
     parser.add_argument("--cuda", action="store_true",
                         help="the separate CUDA build (ggml-cuda + HIQ2 CUDA kernels; needs nvcc, not a GPU)")
+    parser.add_argument("--rpc", action="store_true",
+                        help="a separate build with llama.cpp's RPC backend and rpc-server (distributed inference)")
 
 
 def main_build(args) -> int:
     try:
         d = build(force=getattr(args, "force", False),
                   python_package=not getattr(args, "no_python", False),
-                  jobs=getattr(args, "jobs", None), cuda=getattr(args, "cuda", False))
+                  jobs=getattr(args, "jobs", None), cuda=getattr(args, "cuda", False),
+                  rpc=getattr(args, "rpc", False))
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -522,8 +547,8 @@ def main_path(args) -> int:
     """Print the lib dir, or with args.tool set, that tool's path."""
     try:
         name = getattr(args, "tool", None)
-        cuda = getattr(args, "cuda", False)
-        print(tool(name, cuda) if name else lib_dir(cuda))
+        cuda, rpc = getattr(args, "cuda", False), getattr(args, "rpc", False)
+        print(tool(name, cuda, rpc) if name else lib_dir(cuda, rpc))
     except RuntimeMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -538,5 +563,6 @@ if __name__ == "__main__":  # python -m hiq2gguf.runtime [build|path [tool]]
     pp = sub.add_parser("path")
     pp.add_argument("tool", nargs="?")
     pp.add_argument("--cuda", action="store_true")
+    pp.add_argument("--rpc", action="store_true")
     a = ap.parse_args()
     sys.exit(main_build(a) if a.cmd == "build" else main_path(a))
