@@ -25,8 +25,8 @@ Files (cached under ~/.cache/hiq2gguf/bench/<model>/):
   matrix from llama-imatrix on our calibration text (BoolQ calibration half).
 
 Timing: llama-bench -p 512 -n 128, ``--reps`` repetitions, in ``--rounds`` rounds
-that visit all files in turn; the best sample of each (file, threads, test) is
-kept (load from other processes only ever slows a run down). Ratios are to Q2_K
+that visit all files of a model in turn; the best sample of each (file, threads,
+test) is kept (load from other processes only ever slows a run down). Ratios are to Q2_K
 of the same model and threads, measured in the same run. JSON: a list of rows
 {model, type, ours, bpw, threads, pp512, tg128} (tokens per second; bpw = bits
 per weight of the stored linear weights, blk.* 2-D tensors).
@@ -216,11 +216,21 @@ def _run(cmd: list) -> str:
 
 
 def linear_bpw(path: Path) -> float:
-    """Bits per weight of the stored linear weights (blk.* 2-D tensors)."""
+    """Bits per weight of the stored linear weights (blk.* 2-D tensors); cached beside the
+    file (reading a GGUF's tokenizer arrays in Python takes seconds)."""
     from hiq2gguf.inspect import inspect_gguf
 
+    cache = path.with_suffix(".bpw.json")
+    stamp = path.stat().st_mtime_ns
+    if cache.exists():
+        c = json.loads(cache.read_text())
+        if c.get("mtime_ns") == stamp:
+            return c["bpw"]
     ts = [t for t in inspect_gguf(path)["tensors"] if t["name"].startswith("blk.") and len(t["shape"]) == 2]
-    return sum(t["bytes"] for t in ts) * 8 / sum(t["elements"] for t in ts)
+    bpw = sum(t["bytes"] for t in ts) * 8 / sum(t["elements"] for t in ts)
+    with atomic_output(cache) as tmp:
+        tmp.write_text(json.dumps({"mtime_ns": stamp, "bpw": bpw}))
+    return bpw
 
 
 # ---- timing ------------------------------------------------------------------------
@@ -287,44 +297,48 @@ def main(argv: list[str] | None = None) -> int:
             entries.append((spec.name, t, True, files.ours(t)))
     bpw = {e[3]: linear_bpw(e[3]) for e in entries}
 
-    load0 = os.getloadavg()
-    runs: list[dict] = []
-    for rnd in range(args.rounds):
-        for spec in specs:
-            paths = [e[3] for e in entries if e[0] == spec.name]
-            log(f"round {rnd + 1}/{args.rounds}: {spec.name}, {len(paths)} files, threads {threads} "
+    print(f"llama-bench {tool('llama-bench')}; best of {args.rounds} x {args.reps} samples", flush=True)
+    rows: list[dict] = []
+    for spec in specs:                      # one model at a time: its table is printed (and saved) when done
+        paths = [e[3] for e in entries if e[0] == spec.name]
+        load0 = os.getloadavg()[0]
+        runs: list[dict] = []
+        for rnd in range(args.rounds):
+            log(f"{spec.name}: round {rnd + 1}/{args.rounds}, {len(paths)} files, threads {threads} "
                 f"(load average {os.getloadavg()[0]:.2f})")
             runs += llama_bench(paths, threads, args.reps)
-    load1 = os.getloadavg()
-    best = best_samples(runs)
-
-    rows = []
-    for model, t, is_ours, path in entries:
-        for th in threads:
+        best = best_samples(runs)
+        model_rows = []
+        for model, t, is_ours, path in entries:
+            if model != spec.name:
+                continue
             key = str(path.resolve())
-            rows.append({"model": model, "type": t, "ours": is_ours, "bpw": round(bpw[path], 4),
-                         "threads": th, "pp512": round(best[(key, th, f"pp{PP}")], 2),
-                         "tg128": round(best[(key, th, f"tg{TG}")], 2)})
+            for th in threads:
+                model_rows.append({"model": model, "type": t, "ours": is_ours, "bpw": round(bpw[path], 4),
+                                   "threads": th, "pp512": round(best[(key, th, f"pp{PP}")], 2),
+                                   "tg128": round(best[(key, th, f"tg{TG}")], 2)})
+        print(f"\n{spec.name}: load average (1 min) {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end "
+              f"on {os.cpu_count()} cores")
+        print_table(model_rows)
+        rows += model_rows
+        if args.json:
+            with atomic_output(args.json) as tmp:
+                Path(tmp).write_text(json.dumps(rows, indent=1))
+            print(f"wrote {args.json} ({len(rows)} rows)", flush=True)
+    return 0
 
-    print(f"\nllama-bench {tool('llama-bench')}\n"
-          f"load average (1 min) at start {load0[0]:.2f}, at end {load1[0]:.2f} on {os.cpu_count()} cores; "
-          f"best of {args.rounds} x {args.reps} samples\n")
+
+def print_table(rows: list[dict]) -> None:
+    """Rows of one model, with ratios to the baseline type at the same threads."""
     hdr = f"{'model':<20} {'type':<9} {'bpw':>6} {'thr':>3} {'pp512 t/s':>10} {'x Q2_K':>7} {'tg128 t/s':>10} {'x Q2_K':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["type"] == BASELINE
-                    and b["threads"] == r["threads"])
+        base = next(b for b in rows if b["type"] == BASELINE and b["threads"] == r["threads"])
         mark = "*" if r["ours"] else " "
         print(f"{r['model']:<20} {r['type']:<8}{mark} {r['bpw']:6.3f} {r['threads']:>3} "
               f"{r['pp512']:10.2f} {r['pp512'] / base['pp512']:7.3f} {r['tg128']:10.2f} {r['tg128'] / base['tg128']:7.3f}")
-    print("(* = ours)")
-    if args.json:
-        with atomic_output(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(rows, indent=1))
-        print(f"wrote {args.json}")
-    return 0
-
+    print("(* = ours)", flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())
