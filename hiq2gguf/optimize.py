@@ -36,6 +36,10 @@ class RatioProblem:
     bits: list[list[float]]
     M: np.ndarray
     budget_bits: float
+    # optional low-rank factor Q (r x n) with Q^T Q equal to M outside the layers' own
+    # blocks: on one-hot choices 1/2 d^T M d = c.d + 1/2 |Q d|^2 with c = (diag M - diag Q^T Q)/2,
+    # which lets outer approximation work on r parabolas instead of rank(M)
+    factor: np.ndarray | None = None
 
     def __post_init__(self):
         self.M = np.asarray(self.M, dtype=np.float64)
@@ -175,12 +179,17 @@ def solve_outer_approximation(p: RatioProblem, tol: float = 1e-4, max_iter: int 
 
     scale = float(np.abs(p.M).max()) or 1.0
     Ms = p.M / scale          # unit-sized: tolerances must not depend on the loss scale
-    lam, V = np.linalg.eigh(Ms)
-    if lam[0] < -1e-9 * max(1.0, abs(lam[-1])):
-        raise ValueError("outer approximation needs a positive semi-definite M "
-                         f"(smallest eigenvalue {lam[0] * scale:.3g}); use the linearized MILP")
-    keep = lam > 1e-12 * lam[-1]
-    P = (V[:, keep] * np.sqrt(lam[keep])).T          # r x n, Ms ~= P^T P
+    if p.factor is not None:
+        P = np.asarray(p.factor, dtype=np.float64) / np.sqrt(scale)
+        c = 0.5 * (np.diag(Ms) - (P ** 2).sum(axis=0))
+    else:
+        lam, V = np.linalg.eigh(Ms)
+        if lam[0] < -1e-9 * max(1.0, abs(lam[-1])):
+            raise ValueError("outer approximation needs a positive semi-definite M "
+                             f"(smallest eigenvalue {lam[0] * scale:.3g}); use the linearized MILP")
+        keep = lam > 1e-12 * lam[-1]
+        P = (V[:, keep] * np.sqrt(lam[keep])).T          # r x n, Ms ~= P^T P
+        c = np.zeros(Ms.shape[0])
     t0 = time.time()
     m = _base_model(p)
     m.K = pyo.RangeSet(0, P.shape[0] - 1)
@@ -188,7 +197,7 @@ def solve_outer_approximation(p: RatioProblem, tol: float = 1e-4, max_iter: int 
     m.eta = pyo.Var(m.K, bounds=(0, None))
     m.proj = pyo.Constraint(m.K, rule=lambda m, k: m.u[k] == sum(float(P[k, i]) * m.d[i]
                                                                  for i in m.I if P[k, i] != 0))
-    m.obj = pyo.Objective(expr=sum(m.eta[k] for k in m.K))
+    m.obj = pyo.Objective(expr=sum(float(c[i]) * m.d[i] for i in m.I if c[i] != 0) + sum(m.eta[k] for k in m.K))
     m.cuts = pyo.ConstraintList()
     # range of each u_k over all choices: per layer the smallest / largest coefficient
     lo = np.zeros(P.shape[0])
@@ -200,7 +209,7 @@ def solve_outer_approximation(p: RatioProblem, tol: float = 1e-4, max_iter: int 
     for k in range(P.shape[0]):
         for a in np.linspace(lo[k], hi[k], grid):
             m.cuts.add(m.eta[k] >= float(a) * m.u[k] - 0.5 * float(a) ** 2)
-    best, best_f, lower, log = None, np.inf, 0.0, []
+    best, best_f, lower, log = None, np.inf, -np.inf, []
 
     def converged() -> bool:
         return best_f - lower <= tol * max(abs(best_f), 1e-12)
@@ -218,7 +227,7 @@ def solve_outer_approximation(p: RatioProblem, tol: float = 1e-4, max_iter: int 
             lower = max(lower, bound)
         choice = _choice_from(m, p)
         u = P @ p.one_hot(choice)
-        f = 0.5 * float(u @ u)
+        f = float(c @ p.one_hot(choice)) + 0.5 * float(u @ u)
         if f < best_f:
             best, best_f = choice, f
         log.append(f"iter {it}: f={f:.6g} best={best_f:.6g} lower={lower:.6g}")
@@ -236,6 +245,8 @@ def solve(p: RatioProblem, method: str = "auto", **kw) -> Solution:
     lo, hi = p.bits_range()
     if p.budget_bits < lo:
         _raise_infeasible(p)
+    if method == "auto" and p.factor is not None:
+        method = "outer"
     if method == "auto":
         # block-sparse M (the paper's estimator): exact MILP; a dense M is only ever
         # positive semi-definite here (gradient estimator) and goes to outer approximation

@@ -171,7 +171,7 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
     estimator and the solver run. ``candidates``: the choices per weight (default: the
     HIQ2 members of ``hiq2_candidates``; stock types: ``stock.stock_candidates``)."""
     from hiq2gguf.runtime import cache_dir
-    from hiq2gguf.sensitivity import ESTIMATORS, Checkpoint, cache_key
+    from hiq2gguf.sensitivity import ESTIMATORS, Checkpoint, GradientProjection, cache_key
 
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r} (choose from {', '.join(ESTIMATORS)})")
@@ -218,13 +218,21 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
         ckpt.save(M=M, seconds=np.float64(time.time() - t0))
     est_seconds = float(ckpt.get("seconds", time.time() - t0))
 
-    problem = RatioProblem(bits=bits, M=M, budget_bits=bpw * elements)
+    shrinkage, factor = None, None
+    if cfg.estimator == "gradient":
+        rows = ckpt.get("rows")
+        layer = np.repeat(np.arange(len(bits)), [len(b) for b in bits])
+        M, shrinkage = GradientProjection.shrink_cross_layer(rows, layer)
+        if shrinkage < 1.0:        # cross-layer part = (1 - lambda) P^T P / S: rank S, a small factor
+            factor = np.asarray(rows, dtype=np.float64) * np.sqrt((1.0 - shrinkage) / len(rows))
+    problem = RatioProblem(bits=bits, M=M, budget_bits=bpw * elements, factor=factor)
     sol = solve(problem, cfg.solver, time_limit=cfg.time_limit)
     plan = {n: cs[c].qtype for n, cs, c in zip(names, layers, sol.choice)}
     info = {
         "solver": {"name": "highs", "method": sol.method, "status": sol.status, "objective": sol.objective,
                    "gap": sol.gap, "seconds": round(sol.seconds, 2), "iterations": sol.iterations},
         "estimator": cfg.estimator,
+        "cross_layer_shrinkage": shrinkage,             # gradient estimator: see shrink_cross_layer
         "estimator_seconds": round(est_seconds, 1),       # computing M (also when read from the cache)
         "estimator_cache": {"path": str(path) if cfg.cache else None, "resumed": resumed},
         "candidates": cset.names,

@@ -75,3 +75,30 @@ def test_outer_refuses_indefinite_m():
     p.M = p.M - 10 * np.eye(p.M.shape[0])
     with pytest.raises(ValueError, match="positive semi-definite"):
         solve(p, "outer")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shrunk_gradient_matrix_with_low_rank_factor_matches_brute_force(seed):
+    """The gradient estimator's M after cross-layer shrinkage: full rank, but its
+    cross-layer part is (1 - lambda) P^T P / S, so outer approximation runs on the
+    S-row factor plus a linear term; same optimum as brute force."""
+    from hiq2gguf.sensitivity import GradientProjection
+
+    rng = np.random.default_rng(200 + seed)
+    n_layers, n_cand, S = 6, 3, 12
+    # a shared direction (real cross-layer terms) plus per-sequence noise
+    rows = (rng.standard_normal((S, 1)) @ rng.standard_normal((1, n_layers * n_cand))
+            + 0.7 * rng.standard_normal((S, n_layers * n_cand)))
+    layer = np.repeat(np.arange(n_layers), n_cand)
+    M, lam = GradientProjection.shrink_cross_layer(rows, layer)
+    assert 0 < lam < 1
+    assert np.linalg.eigvalsh(M)[0] > -1e-9 * np.abs(M).max()
+    np.testing.assert_allclose(np.diag(M), (rows ** 2).mean(0))
+    base = make_problem(300 + seed, n_layers=n_layers, n_cand=n_cand)
+    p = RatioProblem(bits=base.bits, M=M, budget_bits=base.budget_bits,
+                     factor=rows * np.sqrt((1 - lam) / S))
+    sol = solve(p)
+    f, _ = brute_force(p)
+    assert sol.method == "outer" and sol.status == "optimal"
+    assert sol.objective == pytest.approx(f, rel=1e-4, abs=1e-9)
+    assert sol.bits <= p.budget_bits

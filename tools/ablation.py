@@ -60,7 +60,9 @@ def main(argv=None) -> int:
     print(f"reference: boolq {reference['boolq']:.4f}  lambada {reference['lambada']:.4f} "
           f"({time.time() - t0:.0f} s)", flush=True)
     calib = conv.calibrate()
-    evaluated: dict[str, dict] = {}            # plan digest -> measurements (identical plans are measured once)
+    # plan digest -> measurements: identical plans (e.g. forced at the smallest budget) are measured once
+    measured = ("bpw", "file_bpw", "file", "ppl_boolq", "ppl_lambada", "minutes")
+    evaluated: dict[str, dict] = {r["digest"]: {k: r[k] for k in measured} for r in rows}
 
     def save():
         write_report({"reference": reference, "rows": rows}, out_json)
