@@ -35,6 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="skip the float model's perplexity")
+    ap.add_argument("--first-blocks", type=int, default=0,
+                    help="quick mode: quantize only the first K transformer blocks with uniform "
+                         "importance (no Fisher pass) and compare the relative error of the hidden "
+                         "state after block K on the held-out windows instead of perplexity")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     methods = a.methods.split(",")
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
                         ratio_strategy="fixed", threads=a.threads)
     conv = Conversion(cfg, a.model)
     windows = conv.text_windows(cfg.eval_text)
+    if a.first_blocks:
+        return first_blocks(conv, methods, windows, a)
     rows = []
     if not a.no_reference:
         rows.append({"method": "reference", "ppl": evaluate.ppl_torch(conv.model, windows, desc="ppl reference").ppl})
@@ -69,6 +75,43 @@ def main(argv=None) -> int:
     print(f"{'method':10s} {'ppl':>10s} {'seconds':>8s}")
     for r in rows:
         print(f"{r['method']:10s} {r['ppl']:10.4f} {r.get('quantize_seconds', 0):8.0f}")
+    return 0
+
+
+def first_blocks(conv, methods, windows, a) -> int:
+    """Hidden-state error after the first K quantized blocks, per method."""
+    import torch
+
+    from hiq2gguf import data
+    from hiq2gguf.plan import fixed_plan
+    from hiq2gguf.sequential import decoder_blocks
+
+    k = a.first_blocks
+    prefixes = [p for p, _ in decoder_blocks(conv.model)[:k]]
+    plan = {n: t for n, t in fixed_plan(conv.shapes, a.bpw).items() if any(n.startswith(p) for p in prefixes)}
+    calib = data.token_windows(conv.tokenize(data.boolq_split("calibration")), conv.cfg.calib_ctx,
+                               a.calib_windows, conv.bos)
+
+    @torch.no_grad()
+    def hidden():
+        return [conv.model(input_ids=torch.tensor([w]), output_hidden_states=True).hidden_states[k]
+                for w in windows]
+
+    ref = hidden()
+    rows = []
+    for m in methods:
+        conv.restore()
+        t0 = time.time()
+        fn = block_quantize_fn(m, conv.model, plan, calib, None, preset(a.preset), True)
+        quantize_model(conv.model, conv.converter, plan, fn, True)
+        seconds = time.time() - t0
+        err = sum(float(((h - r) ** 2).mean() / (r ** 2).mean()) for h, r in zip(hidden(), ref)) / len(ref)
+        rows.append({"method": m, "blocks": k, "hidden_rel_mse": err, "quantize_seconds": round(seconds, 1),
+                     "type": next(iter(plan.values())).name})
+        print(json.dumps(rows[-1]), flush=True)
+        if a.json:
+            write_report({"model": str(conv.source.path), "bpw": a.bpw, "calib_windows": len(calib),
+                          "eval_windows": len(windows), "preset": a.preset, "rows": rows}, a.json)
     return 0
 
 
