@@ -29,20 +29,24 @@ BACKENDS = ("auto", "llamacpp", "torch")
 
 # ---- scorers --------------------------------------------------------------------
 class LlamaCppScorer:
-    """A GGUF through llama-cpp-python (patched runtime). Consecutive requests that
-    share a prefix (the choices of one question) reuse its KV cache and logits."""
+    """A GGUF through llama-cpp-python (patched runtime). It decodes with its own
+    batches so that llama.cpp computes output logits only for the scored positions
+    (the output layer over every context token would cost more than the rest of a
+    small model), and it keeps the KV cache of the prefix a request shares with the
+    previous one (the choices of one question)."""
 
     name = "llama.cpp"
 
     def __init__(self, path: str | Path, n_ctx: int = 1024, threads: int = 2):
         from hiq2gguf import llama
 
-        self.llm = llama.load(path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, n_threads=threads)
+        self.llm = llama.load(path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads)
         self.max_length = n_ctx
         add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self.bos = self.llm.token_bos() if add_bos else None
         eos = self.llm.token_eos()
         self.prefix_token = self.bos if self.bos is not None else eos
+        self._tokens: list[int] = []          # what the KV cache holds
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
@@ -52,20 +56,40 @@ class LlamaCppScorer:
 
     def logits(self, tokens: list[int], first: int) -> np.ndarray:
         """Next-token logits after each of tokens[first:] (rows first .. len-1)."""
-        llm = self.llm
-        cached = np.asarray(llm.input_ids[: llm.n_tokens])
-        n = min(len(cached), len(tokens))
-        same = np.flatnonzero(cached[:n] != np.asarray(tokens[:n], dtype=cached.dtype))
-        keep = int(same[0]) if len(same) else n
-        if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):   # e.g. a sliding-window cache: start over
+        from llama_cpp import llama_cpp as C
+
+        llm, ctx = self.llm, self.llm._ctx
+        keep = 0
+        for a, b in zip(self._tokens[:first], tokens[:first]):   # rows >= first are always decoded
+            if a != b:
+                break
+            keep += 1
+        if not ctx.kv_cache_seq_rm(-1, keep, -1):   # e.g. a sliding-window cache: start over
             keep = 0
-            llm.reset()
-        llm.n_tokens = keep
-        llm.eval(tokens[keep:])
-        return np.array(llm.scores[first: len(tokens)], dtype=np.float32)
+            ctx.kv_cache_seq_rm(-1, 0, -1)
+        self._tokens = list(tokens[:keep])
+        n_vocab = llm.n_vocab()
+        out = np.empty((len(tokens) - first, n_vocab), dtype=np.float32)
+        batch = llm._batch
+        for start in range(keep, len(tokens), llm.n_batch):
+            chunk = tokens[start: start + llm.n_batch]
+            batch.set_batch(batch=chunk, n_past=start, logits_all=False)
+            for i in range(len(chunk)):
+                batch.batch.logits[i] = start + i >= first
+            ctx.decode(batch)
+            self._tokens.extend(chunk)
+            for i in range(max(0, first - start), len(chunk)):
+                row = C.llama_get_logits_ith(ctx.ctx, i)
+                out[start + i - first] = np.ctypeslib.as_array(row, shape=(n_vocab,))
+        return out
 
     def generate(self, tokens: list[int], until: list[str], max_tokens: int) -> str:
+        self._tokens = []                     # llama-cpp-python manages the cache from here
+        self.llm.n_tokens = 0
+        self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
         out = self.llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, stop=until or None)
+        self.llm.n_tokens = 0
+        self.llm._ctx.kv_cache_seq_rm(-1, 0, -1)
         return out["choices"][0]["text"]
 
     def close(self) -> None:
