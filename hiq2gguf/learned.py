@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hiq2gguf.formats import GROUP, LOW_STEP, Codes
-from hiq2gguf.quantize import (_blocks, choose_mask, codes_from_tensors, floored_importance,
+from hiq2gguf.quantize import (_blocks, codes_from_tensors, floored_importance,
                                grid_params, round_to_grid, search_block_grid)
 
 # AdaRound's rectified sigmoid stretches sigmoid to (GAMMA, ZETA) and clips to [0, 1]
