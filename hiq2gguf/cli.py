@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "type per weight (any llama.cpp loads the file)")
     c.add_argument("--stock-types", help="--target stock: allowed types, e.g. Q2_K,Q3_K,Q4_K,Q4_0,IQ4_NL "
                                          "(default: k-, legacy and IQ2..IQ4 types within 1 bpw of --bpw)")
-    c.add_argument("--method", choices=["rtn", "gptq", "lwc", "adaround", "hybrid"], default="hybrid",
+    c.add_argument("--method", choices=["rtn", "gptq", "lwc", "adaround", "hybrid"], default="gptq",
                    help="quantizer on the HIQ2 grid: rtn layer by layer; the others block by block "
                         "on the calibration text (default hybrid: learned clipping, then learned "
                         "rounding)")

@@ -32,7 +32,9 @@ class ConvertConfig:
     eval_text: str = "boolq"
     eval_windows: int = evaluate.DEFAULT_WINDOWS
     eval_ctx: int = evaluate.DEFAULT_CTX
-    method: str = "hybrid"                    # rtn | gptq | lwc | adaround | hybrid (sequential.METHODS)
+    # rtn | gptq | lwc | adaround | hybrid (sequential.METHODS); gptq by default until hybrid is
+    # shown to beat it on whole-model perplexity (and it is ~10x slower on a 2-core CPU)
+    method: str = "gptq"
     preset: str = "fast"                      # reconstruction settings: fast (CPU) | paper (learned.PRESETS)
     ratio_strategy: str = "optimized"         # optimized (per-layer ratios, see plan.py) | fixed
     ratio: RatioConfig = field(default_factory=RatioConfig)
@@ -143,8 +145,9 @@ class Conversion:
                                     self.converter.block_index, ratio or self.cfg.ratio, self.cfg.progress,
                                     candidates=candidates)
         s = info["solver"]
+        objective = "-" if s["objective"] is None else f"{s['objective']:.4g}"
         _log(self.cfg, f"{info['estimator']} estimator, solver {s['method']}: {s['status']}, "
-                       f"objective {s['objective']:.4g}, gap {s['gap']:.2g}, {s['seconds']:.1f} s")
+                       f"objective {objective}, gap {s['gap']:.2g}, {s['seconds']:.1f} s")
         return plan, {"ratio_strategy": "optimized", **info, "plan_seconds": round(time.time() - t0, 1)}
 
     def quantize_fn(self, calib: Calibration, plan: dict[str, HIQ2Type]) -> Callable:

@@ -205,3 +205,11 @@ def test_estimation_resumes_after_interrupt(tiny, tmp_path, monkeypatch, estimat
     np.testing.assert_allclose(resumed, whole, rtol=1e-6, atol=1e-12)
     total = len(windows) if estimator == "gradient" else 1 + 8 + 6   # base + singles + same-block pairs
     assert counted["n"] < total
+
+
+def test_budget_with_one_feasible_choice_needs_no_estimate(tiny):
+    model, params, fisher, windows = tiny
+    plan, info = optimized_plan(model, params, fisher, 2.5, windows, None,
+                                RatioConfig(ratios="H0,H2", cache=False), progress=False)
+    assert {t.name for t in plan.values()} == {"HIQ2_H0"}
+    assert info["solver"]["method"] == "forced" and info["predicted_loss_increase"] is None
