@@ -73,5 +73,12 @@ def test_inspect_reports_every_linear(tiny_gguf):
     import json
     info = json.loads(r.stdout)
     ours = [t for t in info["tensors"] if t["ours"]]
-    assert len(ours) == 7 * 2 and all(t["type"] == "HIQ2_H2" and t["bpw"] == 3.0 for t in ours)
-    assert info["bpw"] == 3.0
+    # per-layer types by default: every linear weight is ours, with its member's size and
+    # ratio, and together they stay within the 3.0 bpw budget
+    from hiq2gguf.formats import get_type
+    assert len(ours) == 7 * 2
+    for t in ours:
+        member = get_type(t["type"])
+        assert t["bpw"] == pytest.approx(member.bpw) and t["ratio"] == pytest.approx(member.n_high / 8)
+    total = sum(t["bpw"] * t["elements"] for t in ours) / sum(t["elements"] for t in ours)
+    assert info["bpw"] == pytest.approx(total) and total <= 3.0
