@@ -130,7 +130,7 @@ def table(rows: list[dict], reference: dict) -> str:
                      + (f" {r['estimator_minutes']:6.1f}" if 'estimator_minutes' in r else f" {'-':>6}"))
     costs = {}
     for r in rows:
-        if r.get("estimator") and not r.get("estimator_resumed"):
+        if r.get("estimator"):       # the cached M keeps the minutes its computation took
             costs[r["estimator"]] = max(costs.get(r["estimator"], 0.0), r["estimator_minutes"])
     if costs:
         lines.append("")
