@@ -308,7 +308,3 @@ class LossDifference:
 
 
 ESTIMATORS = {cls.name: cls for cls in (GradientProjection, LossDifference)}
-
-
-def gradient_projection_matrix(model, params, deltas, windows, progress: bool = True) -> np.ndarray:
-    return GradientProjection(model, params, deltas, progress=progress).estimate(windows)

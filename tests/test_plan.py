@@ -11,8 +11,7 @@ from hiq2gguf.calibrate import collect_fisher, linear_weights
 from hiq2gguf.formats import get_type
 from hiq2gguf.plan import (BudgetError, RatioConfig, candidate_perturbations, candidate_types, fixed_plan,
                            layer_bits, optimized_plan, parse_ratios)
-from hiq2gguf.sensitivity import (BlockInputs, Checkpoint, GradientProjection, LossDifference,
-                                  gradient_projection_matrix)
+from hiq2gguf.sensitivity import BlockInputs, Checkpoint, GradientProjection, LossDifference
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def test_gradient_projection_matrix(tiny):
     names = list(params)[:3]
     g = torch.Generator().manual_seed(0)
     deltas = {n: [torch.randn(params[n].shape, generator=g) * 1e-3 for _ in range(2)] for n in names}
-    M = gradient_projection_matrix(model, params, deltas, windows, progress=False)
+    M = GradientProjection(model, params, deltas, progress=False).estimate(windows)
     assert M.shape == (6, 6)
     np.testing.assert_allclose(M, M.T)
     assert np.linalg.eigvalsh(M).min() > -1e-9 * np.abs(M).max()
@@ -70,7 +69,7 @@ def test_optimized_plan_holds_budget_and_beats_fixed(tiny):
 
 def _model_objective(model, params, fisher, windows, plan, cands):
     deltas = candidate_perturbations(params, fisher, {n: [t] for n, t in plan.items()}, progress=False)
-    M = gradient_projection_matrix(model, params, deltas, windows, progress=False)
+    M = GradientProjection(model, params, deltas, progress=False).estimate(windows)
     return 0.5 * float(M.sum())
 
 
