@@ -13,7 +13,8 @@ def _convert(a) -> int:
 
     ratio = RatioConfig(estimator=a.estimator, ratios=a.ratios, solver=a.solver, time_limit=a.time_limit,
                         cache=not a.no_cache)
-    cfg = ConvertConfig(bpw=a.bpw, method=a.method, preset=a.preset, ratio_strategy=a.ratio_strategy, ratio=ratio,
+    cfg = ConvertConfig(bpw=a.bpw, method=a.method or ConvertConfig.method, preset=a.preset,
+                        ratio_strategy=a.ratio_strategy, ratio=ratio,
                         target=a.target, stock_types=a.stock_types,
                         calib_windows=a.calib_windows, eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
@@ -103,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "type per weight (any llama.cpp loads the file)")
     c.add_argument("--stock-types", help="--target stock: allowed types, e.g. Q2_K,Q3_K,Q4_K,Q4_0,IQ4_NL "
                                          "(default: k-, legacy and IQ2..IQ4 types within 1 bpw of --bpw)")
-    c.add_argument("--method", choices=["rtn", "gptq", "lwc", "adaround", "hybrid"], default="gptq",
+    c.add_argument("--method", choices=["rtn", "gptq", "lwc", "adaround", "hybrid", "hybrid-lwc"],
                    help="quantizer on the HIQ2 grid: rtn layer by layer; the others block by block "
-                        "on the calibration text (default hybrid: learned clipping, then learned "
-                        "rounding)")
+                        "on the calibration text. hybrid: GPTQ, then learned rounding of the "
+                        "high-impact groups; hybrid-lwc: learned clipping, then learned rounding "
+                        "(default: ConvertConfig.method, gptq)")
     c.add_argument("--preset", choices=["fast", "paper"], default="fast",
                    help="reconstruction training of lwc/adaround/hybrid: fast (minutes on a CPU) "
                         "or paper (5,000 AdaRound steps, for a GPU)")

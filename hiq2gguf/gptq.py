@@ -6,7 +6,9 @@ of the inverse Hessian H = 2 X^T X / n of the layer's calibration inputs. The
 grid of each 64-column block (its high groups, scale d and zero point z) is
 fixed when the algorithm reaches the block, from the weights as updated so
 far, by the same importance-weighted search as RTN. Every value it emits is a
-grid level, so the result packs into the file unchanged.
+grid level, so the result packs into the file unchanged. ``rounded`` keeps the
+weights as the error feedback had updated them when each column was rounded:
+their nearest levels are the codes (the hybrid's AdaRound starts from them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class GPTQ:
     def __init__(self, n_cols: int):
         self.H = torch.zeros(n_cols, n_cols, dtype=torch.float64)
         self.n = 0
+        self.rounded: torch.Tensor | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
         """x: inputs of the layer, [..., n_cols]."""
@@ -49,6 +52,7 @@ class GPTQ:
         z_all = torch.zeros(rows, nb)
         high_all = torch.zeros(rows, nb, BLOCK // GROUP, dtype=torch.bool)
         levels = torch.zeros(rows, cols)
+        rounded = torch.zeros(rows, cols)
         for b in range(nb):
             c0, c1 = b * BLOCK, (b + 1) * BLOCK
             high_g, d, z = search_block_grid(W[:, c0:c1].unsqueeze(1), n_high,
@@ -64,8 +68,10 @@ class GPTQ:
                 lv, q = round_to_grid(w[:, None], high[:, j:j + 1], d, z)
                 lv, q = lv[:, 0], q[:, 0]
                 levels[:, c0 + j] = lv
+                rounded[:, c0 + j] = w
                 e = (w - q) / Hb[j, j]
                 W1[:, j:] -= e.unsqueeze(1) * Hb[j, j:].unsqueeze(0)
                 Err[:, j] = e
             W[:, c1:] -= Err @ Hinv[c0:c1, c1:]
+        self.rounded = rounded
         return codes_from_tensors(d_all, z_all, high_all, levels.reshape(rows, nb, BLOCK))

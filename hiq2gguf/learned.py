@@ -18,8 +18,12 @@ every block are fixed before training, by the Fisher-weighted choice of
   use ``V >= 0`` (the point where ``h = 1/2``). Low groups keep the nearest
   level of the grid.
 
-A method is a sequence of such stages (``STAGES``): the hybrid trains LWC
-first, then AdaRound on the grid LWC learned.
+A method is a sequence of such stages (``STAGES``), each continuing from the
+grid of the one before. ``hybrid``: GPTQ (``gptq.GPTQ``, error feedback across
+columns) fixes every block's grid and the low-group codes, then AdaRound
+learns only the high-group rounding, starting from GPTQ's codes, with the low
+groups frozen at them. ``hybrid-lwc``: LWC learns the grid, then AdaRound the
+high groups; its low groups keep the nearest level of LWC's grid.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hiq2gguf.formats import GROUP, LOW_STEP, Codes
-from hiq2gguf.quantize import (_blocks, codes_from_tensors, floored_importance,
+from hiq2gguf.formats import GROUP, LOW_STEP, Codes, high_group_flags
+from hiq2gguf.gptq import GPTQ
+from hiq2gguf.quantize import (_blocks, codes_from_tensors, dequantize_torch, floored_importance,
                                grid_params, round_to_grid, search_block_grid)
 
 # AdaRound's rectified sigmoid stretches sigmoid to (GAMMA, ZETA) and clips to [0, 1]
@@ -126,6 +131,27 @@ class LWC(LearnedQuantizer):
         return self.high_g, d, z
 
 
+class FixedCodes(LearnedQuantizer):
+    """Codes chosen without training (GPTQ's) as a stage to continue from. ``weight``
+    is what they round (``GPTQ.rounded``): its nearest levels on their grid are the
+    codes, so AdaRound on it starts from exactly this rounding."""
+
+    def __init__(self, weight: torch.Tensor, codes: Codes):
+        super().__init__(weight, torch.from_numpy(high_group_flags(codes.mask)))
+        self.register_buffer("d", torch.from_numpy(codes.d))
+        self.register_buffer("z", torch.from_numpy(codes.z).to(torch.float32))
+        self.fixed = codes
+
+    def forward(self) -> torch.Tensor:
+        return dequantize_torch(self.fixed)
+
+    def grid(self):
+        return self.high_g, self.d, self.z
+
+    def codes(self) -> Codes:
+        return self.fixed
+
+
 class AdaRound(LearnedQuantizer):
     """Learned rounding on a fixed grid (d, z, high groups): of the high-group weights,
     or with ``low=True`` of every weight (low groups between adjacent levels of 0, 5, 10, 15)."""
@@ -199,16 +225,18 @@ def start_stage(kind: type[LearnedQuantizer], weight: torch.Tensor, n_high: int,
     cfg = cfg or ReconstructionConfig()
     if kind is LWC:
         return LWC(weight, n_high, importance, seed=cfg.seed)
-    if prev is not None:
-        return AdaRound(weight, *prev.grid(), low=cfg.adaround_low)
+    if prev is not None:      # round what the previous stage rounded (GPTQ: its updated weights)
+        return AdaRound(prev.wb.flatten(1), *prev.grid(), low=cfg.adaround_low)
     return AdaRound.rtn_grid(weight, n_high, importance, low=cfg.adaround_low)
 
 
-# method -> its stages, trained one after the other
-STAGES: dict[str, tuple[type[LearnedQuantizer], ...]] = {
+# method -> its stages, one after the other (GPTQ: run by sequential.BlockSequential on the
+# block's layer inputs, handed on as FixedCodes)
+STAGES: dict[str, tuple[type, ...]] = {
     "lwc": (LWC,),
     "adaround": (AdaRound,),
-    "hybrid": (LWC, AdaRound),
+    "hybrid": (GPTQ, AdaRound),
+    "hybrid-lwc": (LWC, AdaRound),
 }
 
 
@@ -219,7 +247,7 @@ class ReconstructionConfig:
     to that of the exported codes at the start of the stage; ``reg_weight`` scales
     AdaRound's regularizer against it. ``adaround_low``: AdaRound also learns the
     rounding of the low groups (between their levels 0, 5, 10, 15); without it they
-    keep the nearest level of the grid LWC learned, as in the paper."""
+    keep their codes from the stage before (GPTQ's, or the nearest level of LWC's grid)."""
 
     lwc_steps: int = 5
     lwc_lr: float = 1e-2
@@ -256,8 +284,10 @@ def train_stage(run_block, quantizers: dict[str, LearnedQuantizer], inputs: list
     ``|run_block(weights, x) - y|^2`` plus ``cfg.reg_weight`` x the quantizers'
     regularizers. ``run_block(weights: dict[name, tensor], x) -> y``. The error is
     measured relative to that of the exported codes at the start, so the regularizer
-    weight means the same for every block. Returns that error (exported codes, on the
-    first batch) before and after."""
+    weight means the same for every block. If the exported codes end worse than they
+    started (few large Adam steps can overshoot a good start such as GPTQ's codes), the
+    quantizers go back to their start. Returns that error (exported codes, on the
+    first batch) before and after, and whether the start was kept."""
     params = [p for q in quantizers.values() for p in q.parameters()]
     if steps <= 0 or not params:
         return {"steps": 0}
@@ -265,11 +295,11 @@ def train_stage(run_block, quantizers: dict[str, LearnedQuantizer], inputs: list
 
     @torch.no_grad()
     def exported_error() -> float:
-        from hiq2gguf.quantize import dequantize_torch
         w = {n: dequantize_torch(q.codes()) for n, q in quantizers.items()}
         return float(((run_block(w, x0) - y0) ** 2).mean())
 
     first = exported_error()
+    start = [{k: v.clone() for k, v in q.state_dict().items()} for q in quantizers.values()]
     scale = max(first, 1e-30)
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -290,4 +320,9 @@ def train_stage(run_block, quantizers: dict[str, LearnedQuantizer], inputs: list
         bar.set_postfix(rel=f"{float(rec.detach()):.3f}")
     for q in quantizers.values():
         q.eval()
-    return {"steps": steps, "first": first, "last": exported_error()}
+    last = exported_error()
+    if last > first:
+        for q, state in zip(quantizers.values(), start):
+            q.load_state_dict(state)
+        last = first
+    return {"steps": steps, "first": first, "last": last, "kept_start": last == first}

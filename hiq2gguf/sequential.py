@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from hiq2gguf.formats import Codes, HIQ2Type
 from hiq2gguf.gptq import GPTQ
-from hiq2gguf.learned import STAGES, ReconstructionConfig, preset, start_stage, train_stage
+from hiq2gguf.learned import STAGES, FixedCodes, ReconstructionConfig, preset, start_stage, train_stage
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn
 
-METHODS = ("rtn", "gptq", "lwc", "adaround", "hybrid")
+METHODS = ("rtn", "gptq", *STAGES)
 
 
 class _Stop(Exception):
@@ -143,7 +143,7 @@ class BlockSequential:
             with torch.no_grad():
                 y = [self._run(block, {}, x) for x in self.x_fp]
             if self.method == "gptq":
-                codes, stages = self._gptq(block, names, local), []
+                codes, stages = {n: c for n, (c, _) in self._gptq(block, names, local).items()}, []
             else:
                 codes, stages = self._learned(block, names, local, y, i)
             fake = {local[n]: dequantize_torch(c) for n, c in codes.items()}
@@ -161,7 +161,8 @@ class BlockSequential:
         if i == len(self.blocks) - 1:
             self.bar.close()
 
-    def _gptq(self, block, names, local) -> dict[str, Codes]:
+    def _gptq(self, block, names, local) -> dict[str, tuple[Codes, torch.Tensor]]:
+        """name -> (GPTQ's codes, the weights they round: ``GPTQ.rounded``)."""
         modules = dict(block.named_modules())
         gptq, hooks = {}, []
         for n in names:
@@ -176,14 +177,20 @@ class BlockSequential:
             for h in hooks:
                 h.remove()
         params = dict(block.named_parameters())
-        return {n: gptq[n].quantize(params[local[n]].data, self.plan[n].n_high, self.fisher.get(n))
-                for n in names}
+        return {n: (gptq[n].quantize(params[local[n]].data, self.plan[n].n_high, self.fisher.get(n)),
+                    gptq[n].rounded) for n in names}
 
     def _learned(self, block, names, local, y, i) -> tuple[dict[str, Codes], list[dict]]:
         params = dict(block.named_parameters())
         prev: dict[str, object] = {n: None for n in names}
         stats = []
         for kind in STAGES[self.method]:
+            if kind is GPTQ:      # nothing to train: error feedback on the Hessian of the layer inputs
+                t0 = time.time()
+                qs = {n: FixedCodes(w, c) for n, (c, w) in self._gptq(block, names, local).items()}
+                stats.append({"stage": "GPTQ", "seconds": round(time.time() - t0, 2)})
+                prev = qs
+                continue
             qs = {n: start_stage(kind, params[local[n]].data, self.plan[n].n_high, self.fisher.get(n), prev[n],
                                  self.recon) for n in names}
             steps, lr = self.recon.steps(kind)

@@ -1,4 +1,4 @@
-"""Learned quantizers (LWC, AdaRound, hybrid) and the block-sequential path."""
+"""Learned quantizers (LWC, AdaRound, the hybrids) and the block-sequential path."""
 
 from dataclasses import replace
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hiq2gguf.formats import get_type
-from hiq2gguf.learned import LWC, STAGES, AdaRound, ReconstructionConfig, start_stage, train_stage
+from hiq2gguf.gptq import GPTQ
+from hiq2gguf.learned import LWC, STAGES, AdaRound, FixedCodes, ReconstructionConfig, start_stage, train_stage
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn
 from tests.test_gptq import correlated_inputs
 
@@ -31,10 +32,22 @@ def fit_layer(method, W, chunks, n_high, cfg=CFG):
     targets = [x @ W.T for x in chunks]
     prev = None
     for kind in STAGES[method]:
+        if kind is GPTQ:
+            prev = FixedCodes(*gptq_layer(W, chunks, n_high))
+            continue
         q = start_stage(kind, W, n_high, None, prev, cfg)
         train_stage(linear, {"weight": q}, chunks, targets, *cfg.steps(kind), cfg)
         prev = q
     return prev
+
+
+def gptq_layer(W, chunks, n_high):
+    """-> (the weights GPTQ rounded, its codes) on one linear layer's inputs."""
+    gptq = GPTQ(W.shape[1])
+    for x in chunks:
+        gptq.add_batch(x)
+    codes = gptq.quantize(W, n_high)
+    return gptq.rounded, codes
 
 
 def out_err(Wq, W, X):
@@ -46,7 +59,8 @@ def out_err(Wq, W, X):
 # the high groups alone (the paper's split) learns 2 of 8 groups here
 CASES = [("lwc", False, 0, 0.99), ("lwc", False, 2, 0.99),
          ("adaround", False, 2, 0.96), ("adaround", True, 0, 0.85), ("adaround", True, 2, 0.85),
-         ("hybrid", False, 2, 0.96), ("hybrid", True, 0, 0.85), ("hybrid", True, 2, 0.85)]
+         ("hybrid-lwc", False, 2, 0.96), ("hybrid-lwc", True, 0, 0.85), ("hybrid-lwc", True, 2, 0.85),
+         ("hybrid", False, 2, 0.8), ("hybrid", True, 2, 0.8)]
 
 
 @pytest.mark.parametrize("method,low,n_high,bound", CASES)
@@ -61,13 +75,39 @@ def test_learned_quantizer_beats_rtn_on_layer_output(method, low, n_high, bound)
 def test_paper_hybrid_learns_only_high_groups():
     W, chunks, X_test = layer_problem(5)
     cfg = replace(CFG, adaround_low=False)
-    q = fit_layer("hybrid", W, chunks, 3, cfg)
+    q = fit_layer("hybrid-lwc", W, chunks, 3, cfg)
     lv = torch.from_numpy(q.codes().levels.astype(np.float32))
     # low groups: the nearest level of the (LWC) grid; high groups: learned
     assert torch.equal(lv[~q.high], q.near[~q.high])
     assert not torch.equal(lv[q.high], q.near[q.high])
     err = out_err(dequantize_torch(q.codes()), W, X_test)
     assert err < out_err(dequantize_torch(quantize_rtn(W, 3)), W, X_test)
+
+
+@pytest.mark.parametrize("n_high", [2, 3])
+def test_gptq_hybrid_beats_gptq_with_low_groups_frozen(n_high):
+    """AdaRound after GPTQ starts from exactly GPTQ's codes, keeps its low-group codes and
+    grid, and lowers the (held-out) layer output error below GPTQ's and RTN's; the codes
+    are on the format grid."""
+    W, chunks, X_test = layer_problem(30 + n_high)
+    rounded, gptq_codes = gptq_layer(W, chunks, n_high)
+    q = start_stage(AdaRound, W, n_high, None, FixedCodes(rounded, gptq_codes), CFG)
+    start = torch.from_numpy(gptq_codes.levels.astype(np.float32))
+    assert torch.equal(q.hard_levels(), start)
+    train_stage(linear, {"weight": q}, chunks, [x @ W.T for x in chunks], *CFG.steps(AdaRound), CFG)
+    codes = q.codes()
+    lv = torch.from_numpy(codes.levels.astype(np.float32))
+    assert torch.equal(lv[~q.high], start[~q.high])
+    assert not torch.equal(lv[q.high], start[q.high])
+    for field in ("d", "z", "mask"):
+        assert np.array_equal(getattr(codes, field), getattr(gptq_codes, field))
+    t = get_type(100 + n_high)
+    raw = t.pack(codes)
+    assert np.array_equal(t.pack(t.unpack(raw)), raw)
+    err = out_err(dequantize_torch(codes), W, X_test)
+    err_gptq = out_err(dequantize_torch(gptq_codes), W, X_test)
+    err_rtn = out_err(dequantize_torch(quantize_rtn(W, n_high)), W, X_test)
+    assert err < 0.97 * err_gptq < 0.97 * err_rtn, (err, err_gptq, err_rtn)
 
 
 @pytest.mark.parametrize("low", [False, True])
@@ -110,7 +150,7 @@ def test_learned_output_is_on_the_format_grid(kind, n_high):
     assert np.array_equal(fake.view(np.uint32), t.dequantize(raw).view(np.uint32))
 
 
-@pytest.mark.parametrize("method", ["gptq", "hybrid"])
+@pytest.mark.parametrize("method", ["gptq", "hybrid", "hybrid-lwc"])
 def test_block_sequential_file_equals_fake_quant(method, tiny_llama_dir, tmp_path):
     """The block-sequential path on a tiny llama: every block's codes are handed out, the
     file stores exactly the torch model's fake-quantized weights, and training lowered
@@ -135,10 +175,13 @@ def test_block_sequential_file_equals_fake_quant(method, tiny_llama_dir, tmp_pat
     fn = BlockSequential(method, model, plan, windows, fisher, cfg, progress=False)
     packed, stock = quantize_model(model, conv, plan, fn, progress=False)
     assert [r.block for r in fn.records] == [0, 1] and not fn.codes
-    if method == "hybrid":
+    if method != "gptq":
         for r in fn.records:
-            assert [s["stage"] for s in r.stages] == ["LWC", "AdaRound"]
-            assert r.stages[-1]["last"] < r.stages[0]["first"]
+            assert [s["stage"] for s in r.stages] == [k.__name__ for k in STAGES[method]]
+            # AdaRound never ends worse than it started (GPTQ's codes: back to them) ...
+            assert r.stages[-1]["last"] <= r.stages[-1]["first"]
+            if method == "hybrid-lwc":     # ... and LWC + AdaRound beat the RTN grid LWC started from
+                assert r.stages[-1]["last"] < r.stages[0]["first"]
     out = tmp_path / "tiny.gguf"
     write_gguf(out, conv, model, source, tok, packed, stock, {})
     stored = dequantized_state(out, conv, {n: tuple(p.shape) for n, p in model.state_dict().items()})
