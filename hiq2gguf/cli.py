@@ -16,9 +16,9 @@ def _convert(a) -> int:
     cfg = ConvertConfig(bpw=a.bpw, method=a.method or ConvertConfig.method, preset=a.preset,
                         ratio_strategy=a.ratio_strategy, ratio=ratio,
                         target=a.target, stock_types=a.stock_types,
-                        calib_windows=a.calib_windows, eval_text=a.eval_text,
+                        calib_windows=a.calib_windows, calib_ctx=a.calib_ctx, eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
-                        progress=not a.quiet)
+                        progress=not a.quiet, checkpoints=not a.no_checkpoints, stream=a.stream)
     report = convert(cfg, a.output, a.model, a.report)
     if a.quiet:
         print(json.dumps({k: report[k] for k in ("bpw", "file_bpw") if k in report}))
@@ -125,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--time-limit", type=float, default=300.0,
                    help="seconds for HiGHS; then the best choice found and its gap are used")
     c.add_argument("--no-cache", action="store_true", help="do not keep or reuse the estimate of M")
-    c.add_argument("--calib-windows", type=int, default=16, help="512-token calibration sequences")
+    c.add_argument("--calib-windows", type=int, default=16, help="calibration sequences")
+    c.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration sequence")
+    c.add_argument("--no-checkpoints", action="store_true",
+                   help="keep no per-block checkpoints in OUT.partial/ (by default a killed conversion "
+                        "resumes where it stopped when rerun)")
+    c.add_argument("--stream", action="store_true",
+                   help="Hugging Face safetensors model: read and quantize one transformer block at a time "
+                        "(peak memory ~ embeddings + two blocks); only the file's perplexity is measured")
     c.add_argument("--eval-text", default="boolq", help="boolq | lambada | FILE")
     c.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")

@@ -43,6 +43,8 @@ class ConvertConfig:
     evaluate: bool = True                     # measure ppl: reference, torch, llama.cpp
     threads: int = 2
     progress: bool = True
+    checkpoints: bool = True                  # per-block checkpoints in OUT.partial/: a rerun resumes (resume.py)
+    stream: bool = False                      # one block in memory at a time (safetensors source; streaming.py)
 
 
 def check_shapes(model, converter) -> dict[str, tuple[int, int]]:
@@ -86,6 +88,13 @@ class Conversion:
         add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
         self.bos = self.tokenizer.bos_token_id if add_bos else None
         self._float = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.checkpoints: Path | None = None    # OUT.partial/ when resumable (``convert``)
+
+    def cache_key(self, *parts) -> str:
+        """Hash of the source weights and ``parts`` (settings a cached result depends on)."""
+        from hiq2gguf.resume import key_of, source_digest
+
+        return key_of(source_digest(self.source.path), self.cfg.threads, *parts)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -101,6 +110,22 @@ class Conversion:
                 p.data.copy_(self._float[n])
 
     def calibrate(self) -> Calibration:
+        from hiq2gguf.resume import load_torch, save_torch
+
+        cfg = self.cfg
+        path = None
+        if self.checkpoints is not None:
+            key = self.cache_key("calibration", cfg.calib_windows, cfg.calib_ctx, cfg.target)
+            path = self.checkpoints / f"calib-{key}.pt"
+            if path.exists():
+                _log(cfg, f"calibration from {path}")
+                return Calibration(**load_torch(path))
+        calib = self._calibrate()
+        if path is not None:
+            save_torch(path, dict(vars(calib)))
+        return calib
+
+    def _calibrate(self) -> Calibration:
         from hiq2gguf.calibrate import collect_fisher, linear_weights
 
         cfg, t0 = self.cfg, time.time()
@@ -168,9 +193,42 @@ class Conversion:
             packed = quantize_linears(self.model, plan, self.stock_quantizer(calib), self.cfg.progress)
             return packed, quantize_embeddings(self.model, self.converter)
         fn = self.quantize_fn(calib, plan)
+        if self.checkpoints is not None:
+            from hiq2gguf.learned import preset
+            from hiq2gguf.resume import BlockCheckpoints, ResumableQuantizeFn, plan_spelling
+
+            key = self.cache_key("blocks", calib.windows, plan_spelling(plan), self.cfg.method,
+                                 repr(preset(self.cfg.preset)))
+            store = BlockCheckpoints(self.checkpoints, key, self.converter.n_layers)
+            fn = ResumableQuantizeFn(fn, store, plan, self.converter.block_index, lambda m: _log(self.cfg, m))
         out = quantize_model(self.model, self.converter, plan, fn, self.cfg.progress)
         self.block_records = [asdict(r) for r in getattr(fn, "records", [])]   # block-sequential methods
         return out
+
+    def cached_plan(self, calib: Calibration) -> tuple[dict[str, HIQ2Type], dict]:
+        """``plan`` with the default settings, kept in the checkpoint directory: a resumed
+        run must not solve again (a solver stopped by its time limit may choose differently)."""
+        if self.checkpoints is None:
+            return self.plan(calib)
+        from hiq2gguf.formats import get_type
+        from hiq2gguf.resume import save_json
+
+        cfg = self.cfg
+        key = self.cache_key("plan", calib.windows, cfg.bpw, cfg.ratio_strategy, repr(cfg.ratio), cfg.target,
+                             cfg.stock_types)
+        path = self.checkpoints / f"plan-{key}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if cfg.target == "stock":
+                from hiq2gguf.stock import STOCK_TYPES
+                types = {n: STOCK_TYPES[t] for n, t in saved["plan"]}
+            else:
+                types = {n: get_type(t) for n, t in saved["plan"]}
+            _log(cfg, f"plan from {path}")
+            return types, saved["info"]
+        plan, info = self.plan(calib)
+        save_json(path, {"plan": [[n, t.name] for n, t in plan.items()], "info": info})
+        return plan, info
 
     def write(self, out: Path, packed, stock, bpw: float | None = None) -> dict:
         bpw = self.cfg.bpw if bpw is None else bpw
@@ -206,7 +264,12 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
         raise ValueError(f"unknown ratio strategy {cfg.ratio_strategy!r}")
     if cfg.ratio_strategy == "optimized" and cfg.ratio.ratios:
         parse_ratios(cfg.ratio.ratios)
+    if cfg.stream:
+        return convert_streamed(cfg, out, model_ref, report_path, t_start)
     conv = Conversion(cfg, model_ref)
+    if cfg.checkpoints:
+        from hiq2gguf.resume import partial_dir
+        conv.checkpoints = partial_dir(out)
     _log(cfg, f"{len(conv.shapes)} linear weights, budget {cfg.bpw:g} bits per weight, "
               + ("stock llama.cpp types (ggml quantizers)" if cfg.target == "stock"
                  else f"{cfg.ratio_strategy} ratios, {cfg.method}"))
@@ -222,7 +285,7 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     calib = conv.calibrate()
     report["calibration"] = {"text": "boolq/calibration", "windows": len(calib.windows),
                              "ctx": cfg.calib_ctx, "seconds": round(calib.seconds, 1)}
-    plan, info = conv.plan(calib)
+    plan, info = conv.cached_plan(calib)
     report.update(info)
 
     t0 = time.time()
@@ -232,6 +295,9 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
     report["quantize_seconds"] = round(time.time() - t0, 1)
 
     report.update(conv.write(out, packed, stock))
+    if conv.checkpoints is not None:        # the file is complete: its checkpoints are done with
+        import shutil
+        shutil.rmtree(conv.checkpoints, ignore_errors=True)
     report["output"] = str(out)
     _log(cfg, f"wrote {out}: bpw {report['bpw']:.4f} (linear weights), file_bpw {report['file_bpw']:.4f}")
 
@@ -256,6 +322,42 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
         write_report(report, report_path)
         if cfg.target == "hiq2":
             plot_ratios(report, Path(report_path).with_suffix(".png"))
+    return report
+
+
+def convert_streamed(cfg: ConvertConfig, out: Path, model_ref: str | None, report_path, t_start: float) -> dict:
+    """``convert`` with ``--stream``: one transformer block in memory at a time
+    (hiq2gguf/streaming.py). The float and fake-quantized torch models are never
+    whole in memory, so only the file's perplexity (llama.cpp) is measured."""
+    from transformers import AutoTokenizer
+
+    from hiq2gguf import model_io
+    from hiq2gguf.inspect import inspect_gguf
+    from hiq2gguf.streaming import check_streamable, convert_streaming
+
+    torch.set_num_threads(cfg.threads)
+    source = model_io.resolve(model_ref)
+    check_streamable(cfg, source)
+    report: dict = {"model": str(source.path), "config": asdict(cfg)}
+    report.update(convert_streaming(cfg, out, source, lambda m: _log(cfg, m)))
+    info = inspect_gguf(out)
+    report.update(file_bpw=info["file_bytes"] * 8 / info["parameters"], file_bytes=info["file_bytes"],
+                  parameters=info["parameters"], output=str(out),
+                  tensors=[{"name": t["name"], "type": t["type"], "ratio": t["ratio"], "bpw": t["bpw"]}
+                           for t in info["tensors"]])
+    _log(cfg, f"wrote {out}: bpw {report['bpw']:.4f} (linear weights), file_bpw {report['file_bpw']:.4f}")
+    if cfg.evaluate:
+        tok = AutoTokenizer.from_pretrained(source.path)
+        bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
+        windows = evaluate.text_windows(lambda t: tok(t, add_special_tokens=False)["input_ids"], cfg.eval_text,
+                                        cfg.eval_ctx, cfg.eval_windows, bos)
+        report["ppl"] = {"llamacpp": ppl_file(out, windows, cfg), "text": cfg.eval_text,
+                         "windows": len(windows), "ctx": cfg.eval_ctx}
+        _log(cfg, f"ppl on held-out {cfg.eval_text}: llama.cpp {report['ppl']['llamacpp']:.4f}")
+    report["seconds"] = round(time.time() - t_start, 1)
+    if report_path:
+        write_report(report, report_path)
+        plot_ratios(report, Path(report_path).with_suffix(".png"))
     return report
 
 

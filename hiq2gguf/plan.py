@@ -171,30 +171,18 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
     estimator and the solver run. ``candidates``: the choices per weight (default: the
     HIQ2 members of ``hiq2_candidates``; stock types: ``stock.stock_candidates``)."""
     from hiq2gguf.runtime import cache_dir
-    from hiq2gguf.sensitivity import ESTIMATORS, Checkpoint, GradientProjection, cache_key
+    from hiq2gguf.sensitivity import ESTIMATORS, Checkpoint, cache_key
 
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r} (choose from {', '.join(ESTIMATORS)})")
     names = list(params)
     cset = candidates or hiq2_candidates(names, fisher, bpw, cfg)
-    layers = [cset.layers[n] for n in names]
     shapes = {n: tuple(params[n].shape) for n in names}
     elements = sum(s[0] * s[1] for s in shapes.values())
-    bits = [[c.bits(shapes[n]) for c in cs] for n, cs in zip(names, layers)]
-    lo, hi = (sum(f(b) for b in bits) / elements for f in (min, max))
-    if bpw * elements < sum(min(b) for b in bits):
-        raise BudgetError(f"--bpw {bpw:g} is infeasible with candidates {', '.join(cset.names)}: "
-                          f"the smallest achievable is {lo:.4f}, the largest {hi:.4f}")
-
-    forced = _forced_choice(bits, bpw * elements)
+    bits = plan_bits(shapes, cset, bpw)
+    forced = forced_plan(names, cset, bits, bpw * elements, cfg.estimator)
     if forced is not None:
-        plan = {n: cs[c].qtype for n, cs, c in zip(names, layers, forced)}
-        return plan, {"solver": {"name": "none", "method": "forced", "status": "only one feasible choice",
-                                 "objective": None, "gap": 0.0, "seconds": 0.0, "iterations": 0},
-                      "estimator": cfg.estimator, "estimator_seconds": 0.0,
-                      "estimator_cache": {"path": None, "resumed": False},
-                      "candidates": cset.names, "predicted_loss_increase": None,
-                      "predicted_loss_increase_fixed": None}
+        return forced
 
     if cfg.estimator == "loss":
         est_windows = [w[:cfg.loss_ctx] for w in windows[:cfg.loss_windows]]
@@ -217,15 +205,36 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
         # cost of this run (an interrupted earlier run's share is not counted)
         ckpt.save(M=M, seconds=np.float64(time.time() - t0))
     est_seconds = float(ckpt.get("seconds", time.time() - t0))
+    return solve_plan(names, cset, bits, bpw * elements, M, ckpt.get("rows"), cfg, {
+        "estimator_seconds": round(est_seconds, 1),       # computing M (also when read from the cache)
+        "estimator_cache": {"path": str(path) if cfg.cache else None, "resumed": resumed}})
 
+
+def plan_bits(shapes: dict[str, tuple[int, int]], cset: CandidateSet, bpw: float) -> list[list[int]]:
+    """Exact file bits of every candidate of every weight; an infeasible budget is an error."""
+    bits = [[c.bits(shapes[n]) for c in cset.layers[n]] for n in shapes]
+    elements = sum(s[0] * s[1] for s in shapes.values())
+    lo, hi = (sum(f(b) for b in bits) / elements for f in (min, max))
+    if bpw * elements < sum(min(b) for b in bits):
+        raise BudgetError(f"--bpw {bpw:g} is infeasible with candidates {', '.join(cset.names)}: "
+                          f"the smallest achievable is {lo:.4f}, the largest {hi:.4f}")
+    return bits
+
+
+def solve_plan(names: list[str], cset: CandidateSet, bits: list[list[int]], budget_bits: float, M: np.ndarray,
+               rows: np.ndarray | None, cfg: RatioConfig, estimator_info: dict) -> tuple[dict[str, HIQ2Type], dict]:
+    """The per-layer choice minimizing 1/2 d^T M d under ``budget_bits`` (``rows``: the
+    gradient estimator's per-sequence projections, whose cross-layer part is shrunk)."""
+    from hiq2gguf.sensitivity import GradientProjection
+
+    layers = [cset.layers[n] for n in names]
     shrinkage, factor = None, None
     if cfg.estimator == "gradient":
-        rows = ckpt.get("rows")
         layer = np.repeat(np.arange(len(bits)), [len(b) for b in bits])
         M, shrinkage = GradientProjection.shrink_cross_layer(rows, layer)
         if shrinkage < 1.0:        # cross-layer part = (1 - lambda) P^T P / S: rank S, a small factor
             factor = np.asarray(rows, dtype=np.float64) * np.sqrt((1.0 - shrinkage) / len(rows))
-    problem = RatioProblem(bits=bits, M=M, budget_bits=bpw * elements, factor=factor)
+    problem = RatioProblem(bits=bits, M=M, budget_bits=budget_bits, factor=factor)
     sol = solve(problem, cfg.solver, time_limit=cfg.time_limit)
     plan = {n: cs[c].qtype for n, cs, c in zip(names, layers, sol.choice)}
     info = {
@@ -233,13 +242,27 @@ def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[st
                    "gap": sol.gap, "seconds": round(sol.seconds, 2), "iterations": sol.iterations},
         "estimator": cfg.estimator,
         "cross_layer_shrinkage": shrinkage,             # gradient estimator: see shrink_cross_layer
-        "estimator_seconds": round(est_seconds, 1),       # computing M (also when read from the cache)
-        "estimator_cache": {"path": str(path) if cfg.cache else None, "resumed": resumed},
+        **estimator_info,
         "candidates": cset.names,
         "predicted_loss_increase": sol.objective,
         "predicted_loss_increase_fixed": _fixed_prediction(problem, layers, cset.uniform),
     }
     return plan, info
+
+
+def forced_plan(names: list[str], cset: CandidateSet, bits: list[list[int]], budget_bits: float,
+                estimator: str) -> tuple[dict[str, HIQ2Type], dict] | None:
+    """The plan when the budget leaves one choice (no M needed), else None."""
+    forced = _forced_choice(bits, budget_bits)
+    if forced is None:
+        return None
+    plan = {n: cset.layers[n][c].qtype for n, c in zip(names, forced)}
+    return plan, {"solver": {"name": "none", "method": "forced", "status": "only one feasible choice",
+                             "objective": None, "gap": 0.0, "seconds": 0.0, "iterations": 0},
+                  "estimator": estimator, "estimator_seconds": 0.0,
+                  "estimator_cache": {"path": None, "resumed": False},
+                  "candidates": cset.names, "predicted_loss_increase": None,
+                  "predicted_loss_increase_fixed": None}
 
 
 def _forced_choice(bits: list[list[int]], budget_bits: float) -> list[int] | None:

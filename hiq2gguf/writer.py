@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -77,23 +78,27 @@ def write_tokenizer(w: gguf.GGUFWriter, tokenizer_kv: dict, hf_dir: Path | None,
         w.add_chat_template(template)
 
 
+def _writer_with_metadata(tmp: Path, converter, source, tokenizer, extra_kv: dict) -> gguf.GGUFWriter:
+    w = gguf.GGUFWriter(tmp, converter.arch_name)
+    w.add_name(source.name or "model")
+    w.add_string("hiq2gguf.version", __version__)
+    for k, v in extra_kv.items():
+        if isinstance(v, float):
+            w.add_float32(f"hiq2gguf.{k}", v)
+        else:
+            w.add_string(f"hiq2gguf.{k}", str(v))
+    converter.set_hparams(w)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_tokenizer(w, source.tokenizer_kv, None if source.gguf_path else source.path, tokenizer)
+    return w
+
+
 def write_gguf(path: Path, converter, model, source, tokenizer, packed: dict[str, PackedTensor],
                stock: dict[str, np.ndarray], extra_kv: dict[str, object]) -> None:
     """Write atomically: ``packed`` linear weights, ``stock`` Q8_0 bytes, the rest F32."""
     register_with_gguf()
     with atomic_output(path) as tmp:
-        w = gguf.GGUFWriter(tmp, converter.arch_name)
-        w.add_name(source.name or "model")
-        w.add_string("hiq2gguf.version", __version__)
-        for k, v in extra_kv.items():
-            if isinstance(v, float):
-                w.add_float32(f"hiq2gguf.{k}", v)
-            else:
-                w.add_string(f"hiq2gguf.{k}", str(v))
-        converter.set_hparams(w)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(w, source.tokenizer_kv, None if source.gguf_path else source.path, tokenizer)
-
+        w = _writer_with_metadata(tmp, converter, source, tokenizer, extra_kv)
         for hf_name, p in model.state_dict().items():
             if converter.skip(hf_name):
                 continue
@@ -115,4 +120,41 @@ def write_gguf(path: Path, converter, model, source, tokenizer, packed: dict[str
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
+        w.close()
+
+
+@dataclass
+class LazyTensor:
+    """A tensor of the file whose size is known before its data exists: ``load()``
+    gives the array (F32 values, or packed bytes of ``raw_dtype``) when it is written."""
+
+    name: str                             # GGUF name
+    shape: tuple[int, ...]                # of the array ``load`` returns (bytes for a packed type)
+    dtype: np.dtype
+    raw_dtype: gguf.GGMLQuantizationType | None
+    load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+def write_gguf_streaming(path: Path, converter, source, tokenizer, tensors: list[LazyTensor],
+                         extra_kv: dict[str, object]) -> None:
+    """``write_gguf``'s layout, written tensor by tensor: the tensor infos first (their
+    sizes are known), then each tensor's data as ``load`` makes it. Same bytes as
+    ``write_gguf`` for the same tensors; atomic."""
+    register_with_gguf()
+    with atomic_output(path) as tmp:
+        w = _writer_with_metadata(tmp, converter, source, tokenizer, extra_kv)
+        for t in tensors:
+            w.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), t.nbytes, raw_dtype=t.raw_dtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in tensors:
+            arr = np.ascontiguousarray(t.load())
+            if arr.shape != tuple(t.shape) or arr.dtype != t.dtype:
+                raise ValueError(f"{t.name}: got {arr.dtype} {arr.shape}, announced {t.dtype} {t.shape}")
+            w.write_tensor_data(arr)
         w.close()

@@ -1,0 +1,201 @@
+"""Resumable and streaming conversion: a conversion killed with SIGKILL and rerun
+writes the same bytes as one that ran through; a changed config never reuses stale
+blocks; ``--stream`` (one block in memory at a time, block-streamed gradients) writes
+the same file as the in-memory conversion."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_tiny_llama
+
+N_BLOCKS = 4
+
+
+@pytest.fixture(scope="module")
+def four_block_llama(tmp_path_factory, smollm_tokenizer) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("llama4"), smollm_tokenizer, layers=N_BLOCKS, seed=3)
+
+
+def convert_cmd(model: Path, out: Path, bpw: float = 3.0, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hiq2gguf", "convert", str(model), "-o", str(out), "--bpw", str(bpw),
+            "--method", "gptq", "--ratio-strategy", "fixed", "--no-eval", "--calib-windows", "3",
+            "--calib-ctx", "64", "--threads", "1", *extra]
+
+
+def env(tmp_path: Path) -> dict:
+    return {**os.environ, "HIQ2GGUF_CACHE": str(tmp_path / "cache")}
+
+
+def run(cmd: list[str], tmp_path: Path) -> str:
+    r = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def run_and_kill(cmd: list[str], tmp_path: Path, until: str, skip: tuple = ()) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as a file matching ``until`` (and not under
+    a path in ``skip``) exists in the checkpoint directory, before it finishes."""
+    out = Path(cmd[cmd.index("-o") + 1])
+    partial = out.with_name(out.name + ".partial")
+    p = subprocess.Popen(cmd, env=env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while not [f for f in partial.glob(until) if not any(s in f.parents for s in skip)]:
+            assert p.poll() is None, f"conversion ended (rc {p.returncode}) before {until} appeared"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert p.poll() is None and not out.exists(), "finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    assert p.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def whole(four_block_llama, tmp_path_factory) -> Path:
+    """An uninterrupted in-memory conversion of ``convert_cmd``'s config."""
+    tmp = tmp_path_factory.mktemp("whole")
+    out = tmp / "whole.gguf"
+    run(convert_cmd(four_block_llama, out), tmp)
+    assert not (tmp / "whole.gguf.partial").exists()        # removed once the file is written
+    return out
+
+
+def test_killed_conversion_resumes_to_the_same_bytes(four_block_llama, whole, tmp_path):
+
+    out = tmp_path / "resumed.gguf"
+    run_and_kill(convert_cmd(four_block_llama, out), tmp_path, "calib-*.pt")     # during planning
+    run_and_kill(convert_cmd(four_block_llama, out), tmp_path, "blocks-*/block-0000.npz")
+    done = len(list(tmp_path.glob("resumed.gguf.partial/blocks-*/block-*.npz")))
+    assert 1 <= done < N_BLOCKS
+    log = run(convert_cmd(four_block_llama, out), tmp_path)
+    assert "calibration from" in log and "plan from" in log
+    resumed = [line for line in log.splitlines() if line.startswith("resuming:")]
+    assert resumed and resumed[0].endswith(f"/{N_BLOCKS} blocks done")
+    assert 1 <= int(resumed[0].split()[1].split("/")[0]) < N_BLOCKS
+    assert out.read_bytes() == whole.read_bytes()
+    assert not (tmp_path / "resumed.gguf.partial").exists()
+
+
+def test_changed_config_does_not_reuse_blocks(four_block_llama, tmp_path):
+    from hiq2gguf.inspect import inspect_gguf
+
+    out = tmp_path / "m.gguf"
+    run_and_kill(convert_cmd(four_block_llama, out, 3.0), tmp_path, "blocks-*/block-0000.npz")
+    stale = list(tmp_path.glob("m.gguf.partial/blocks-*"))
+    assert len(stale) == 1
+    # another budget: its first block is computed anew, the stale blocks are removed
+    run_and_kill(convert_cmd(four_block_llama, out, 2.75), tmp_path, "blocks-*/block-0000.npz", skip=(stale[0],))
+    fresh = list(tmp_path.glob("m.gguf.partial/blocks-*"))
+    assert len(fresh) == 1 and fresh != stale
+    log = run(convert_cmd(four_block_llama, out, 2.75), tmp_path)
+    assert "calibration from" in log and "resuming: " in log     # same calibration, its own blocks
+    types = {t["type"] for t in inspect_gguf(out)["tensors"] if t["ours"]}
+    assert types == {"HIQ2_H1"}                                  # 2.75 bpw: the fixed plan's member
+    whole = tmp_path / "whole.gguf"
+    run(convert_cmd(four_block_llama, whole, 2.75), tmp_path)
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_streamed_model_holds_one_block(four_block_llama):
+    from hiq2gguf.streaming import StreamedModel
+
+    sm = StreamedModel(four_block_llama)
+    loaded = lambda: [i for i, (_, blk) in enumerate(sm.blocks)  # noqa: E731
+                      if any(not p.is_meta for p in blk.parameters())]
+    assert loaded() == []
+    assert not sm.model.get_input_embeddings().weight.is_meta
+    assert sm.model.get_output_embeddings().weight is sm.model.get_input_embeddings().weight   # tied
+    with sm.block(2) as blk:
+        assert loaded() == [2] and blk is sm.blocks[2][1]
+        assert all(p.dtype == torch.float32 for p in blk.parameters())
+    assert loaded() == []
+
+
+def test_block_streamed_gradients_match_whole_model(four_block_llama, smollm_tokenizer, tmp_path):
+    """Fisher and the gradient estimator's rows from the block-by-block backward equal
+    those of one backward through the whole model."""
+    from converters import converter_for
+    from hiq2gguf import model_io
+    from hiq2gguf.calibrate import collect_fisher, linear_weights
+    from hiq2gguf.plan import RatioConfig, hiq2_candidates, perturbations
+    from hiq2gguf.sensitivity import GradientProjection
+    from hiq2gguf.streaming import StreamedCalibration, StreamedModel
+
+    torch.set_num_threads(1)
+    ids = smollm_tokenizer("The quick brown fox jumps over the lazy dog. " * 30, add_special_tokens=False)["input_ids"]
+    windows = [ids[:48], ids[48:96], ids[96:144]]
+    model, _ = model_io.load(model_io.resolve(str(four_block_llama)))
+    conv = converter_for(model.config)
+    params = linear_weights(model, conv.is_linear)
+    fisher = collect_fisher(model, params, windows, progress=False)
+    cset = hiq2_candidates(list(params), fisher, 3.0, RatioConfig(ratios="H0,H2,H4"))
+    rows = GradientProjection(model, params, perturbations(params, cset.layers, False))
+    rows.estimate(windows)
+
+    sm = StreamedModel(four_block_llama)
+    streamed = StreamedCalibration(sm, windows, tmp_path / "calib", None, progress=False)
+    s_fisher, _, _ = streamed.run()
+    s_cset = hiq2_candidates(list(params), s_fisher, 3.0, RatioConfig(ratios="H0,H2,H4"))
+    _, s_rows, _ = StreamedCalibration(sm, windows, tmp_path / "calib2", s_cset, progress=False).run()
+    assert list(s_fisher) == list(params)
+    for n in params:
+        torch.testing.assert_close(s_fisher[n], fisher[n], rtol=1e-5, atol=1e-12)
+        assert float(fisher[n].sum()) > 0
+    P = np.stack(rows.rows)
+    assert s_rows.shape == P.shape == (3, 3 * len(params))
+    np.testing.assert_allclose(s_rows, P, rtol=1e-4, atol=1e-6 * np.abs(P).max())
+    # only the Fisher files are left once a calibration is complete
+    assert {f.name.split("-")[0] for f in (tmp_path / "calib").iterdir()} == {"fisher", "done.pt"}
+
+
+def test_streamed_conversion_equals_in_memory(four_block_llama, whole, tmp_path):
+    out = tmp_path / "streamed.gguf"
+    log = run(convert_cmd(four_block_llama, out, 3.0, "--stream"), tmp_path)
+    assert "streaming" in log
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_streamed_optimized_plan_equals_in_memory(four_block_llama, tmp_path, monkeypatch):
+    from hiq2gguf.convert import ConvertConfig, convert
+    from hiq2gguf.plan import RatioConfig
+
+    monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache"))
+    cfg = dict(bpw=2.9, calib_windows=3, calib_ctx=64, method="rtn", evaluate=False, progress=False, threads=1,
+               ratio=RatioConfig(ratios="H0,H2,H4", cache=False))
+    mem = convert(ConvertConfig(**cfg), tmp_path / "mem.gguf", str(four_block_llama))
+    streamed = convert(ConvertConfig(**cfg, stream=True), tmp_path / "streamed.gguf", str(four_block_llama))
+    assert streamed["solver"]["status"] == mem["solver"]["status"] == "optimal"
+    assert [t["type"] for t in streamed["tensors"]] == [t["type"] for t in mem["tensors"]]
+    assert len({t["type"] for t in mem["tensors"] if t["ratio"] is not None}) > 1    # a real mix
+    assert streamed["bpw"] == pytest.approx(mem["bpw"]) and streamed["bpw"] <= 2.9
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
+def test_killed_streamed_conversion_resumes(four_block_llama, whole, tmp_path):
+    out = tmp_path / "s.gguf"
+    cmd = convert_cmd(four_block_llama, out, 3.0, "--stream")
+    run_and_kill(cmd, tmp_path, "stream-*/back-0002.pt")        # in the block-streamed backward
+    run_and_kill(cmd, tmp_path, "blocks-*/block-0001.npz")
+    log = run(cmd, tmp_path)
+    assert any(line.startswith("resuming: ") for line in log.splitlines())
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_stream_refuses_what_it_cannot_do(tmp_path):
+    from hiq2gguf.model_io import default_model_path
+
+    r = subprocess.run([sys.executable, "-m", "hiq2gguf", "convert", str(default_model_path()), "-o",
+                        str(tmp_path / "x.gguf"), "--bpw", "3", "--stream", "--no-eval"],
+                       env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "safetensors directory" in r.stderr
