@@ -60,7 +60,7 @@ def out_err(Wq, W, X):
 CASES = [("lwc", False, 0, 0.99), ("lwc", False, 2, 0.99),
          ("adaround", False, 2, 0.96), ("adaround", True, 0, 0.85), ("adaround", True, 2, 0.85),
          ("hybrid-lwc", False, 2, 0.96), ("hybrid-lwc", True, 0, 0.85), ("hybrid-lwc", True, 2, 0.85),
-         ("hybrid", False, 2, 0.8), ("hybrid", True, 2, 0.8)]
+         ("hybrid", False, 2, 0.8), ("hybrid", True, 2, 0.85)]
 
 
 @pytest.mark.parametrize("method,low,n_high,bound", CASES)
