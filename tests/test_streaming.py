@@ -199,3 +199,21 @@ def test_stream_refuses_what_it_cannot_do(tmp_path):
                         str(tmp_path / "x.gguf"), "--bpw", "3", "--stream", "--no-eval"],
                        env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "safetensors directory" in r.stderr
+
+
+def test_reads_safetensors_without_a_memory_map(tmp_path):
+    from safetensors.torch import save_file
+
+    from hiq2gguf.streaming import _read, safetensors_index
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 7, generator=g), "b": torch.randn(64, generator=g).to(torch.bfloat16),
+               "c": torch.randn(3, 2, generator=g).to(torch.float16)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    files, shapes = safetensors_index(tmp_path)
+    assert shapes == {"a": (5, 7), "b": (64,), "c": (3, 2)}
+    got = _read(files, ["c", "a", "b"])
+    for n, t in tensors.items():
+        assert got[n].dtype == torch.float32 and torch.equal(got[n], t.to(torch.float32))
+    maps = Path("/proc/self/maps").read_text()
+    assert "x.safetensors" not in maps
