@@ -233,14 +233,22 @@ def register_with_gguf() -> None:
 
     gguf's enum stops at mainline ids; we add pseudo-members and their block
     sizes. Idempotent; this is the only place that touches gguf's tables.
+    Also the mainline types the pinned gguf package lacks (MAINLINE_TYPES_MISSING_IN_GGUF),
+    so files of the pinned llama.cpp's llama-quantize can be read.
     """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-    for t in HIQ2_TYPES.values():
-        if t.type_id in QT._value2member_map_:
+    types = [(t.type_id, t.name, BLOCK, t.type_size) for t in HIQ2_TYPES.values()]
+    for type_id, name, block, type_size in types + list(MAINLINE_TYPES_MISSING_IN_GGUF):
+        if type_id in QT._value2member_map_:
             continue
-        member = int.__new__(QT, t.type_id)
-        member._name_ = t.name
-        member._value_ = t.type_id
-        QT._value2member_map_[t.type_id] = member
-        GGML_QUANT_SIZES[member] = (BLOCK, t.type_size)
+        member = int.__new__(QT, type_id)
+        member._name_ = name
+        member._value_ = type_id
+        QT._value2member_map_[type_id] = member
+        GGML_QUANT_SIZES[member] = (block, type_size)
+
+
+# (ggml id, name, block size, bytes per block) of types the pinned llama.cpp has and
+# gguf 0.19.0 does not (ggml-common.h: block_q2_0 = fp16 scale + 64 x 2 bits)
+MAINLINE_TYPES_MISSING_IN_GGUF = ((42, "Q2_0", 64, 2 + 64 // 4),)

@@ -37,19 +37,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
+import llamacpp  # noqa: E402  (llama.cpp's tools: quantize, imatrix, bpw of a file)
 from hiq2gguf import runtime  # noqa: E402
 from hiq2gguf.formats import get_type  # noqa: E402
 from hiq2gguf.gguf_io import atomic_output  # noqa: E402
+from llamacpp import linear_bpw, tool  # noqa: E402
 
 BENCH_VERSION = 1                      # bump to regenerate the cached files
 PP, TG = 512, 128
@@ -59,13 +60,6 @@ IMATRIX_CHUNKS = 8
 
 
 TOOLS = ("llama-bench", "llama-quantize", "llama-imatrix")
-_tool_paths: dict[str, Path] = {}
-
-
-def tool(name: str) -> Path:
-    """Paths resolved once (main): a kernel edit elsewhere during a long run does not
-    switch the run to another build."""
-    return _tool_paths[name]
 
 
 def bench_dir(model: str) -> Path:
@@ -182,60 +176,20 @@ class Files:
     def imatrix(self, threads: int) -> Path:
         p = self.dir / "imatrix.gguf"
         if not p.exists():
-            from hiq2gguf import data
-
             self.log(f"{self.spec.name}: llama-imatrix on the calibration text ({IMATRIX_CHUNKS} x 512 tokens)")
-            with tempfile.TemporaryDirectory() as td:
-                text = Path(td) / "calibration.txt"
-                text.write_text(data.boolq_split("calibration"), encoding="utf-8")
-                with atomic_output(p) as tmp:
-                    _run([tool("llama-imatrix"), "-m", self.f32(), "-f", text, "-o", tmp,
-                          "-c", "512", "--chunks", str(IMATRIX_CHUNKS), "-t", str(threads)])
-        return p
+        return llamacpp.imatrix(self.f32(), p, IMATRIX_CHUNKS, threads)
 
     def stock(self, ftype: str, threads: int) -> Path:
         p = self.dir / f"{ftype.lower()}.gguf"
         if not p.exists():
             self.log(f"{self.spec.name}: llama-quantize --pure {ftype} -> {p.name}")
-            cmd = [tool("llama-quantize"), "--pure",
-                   "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
-            if ftype in NEEDS_IMATRIX:
-                cmd += ["--imatrix", self.imatrix(threads)]
-            with atomic_output(p) as tmp:
-                _run(cmd + [self.f32(), tmp, ftype, str(threads)])
-        return p
-
-
-def _run(cmd: list) -> str:
-    cmd = [str(c) for c in cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tail = "\n".join((r.stdout + r.stderr).splitlines()[-30:])
-        raise RuntimeError(f"command failed (exit {r.returncode}): {' '.join(cmd)}\n{tail}")
-    return r.stdout
-
-
-def linear_bpw(path: Path) -> float:
-    """Bits per weight of the stored linear weights (blk.* 2-D tensors); cached beside the
-    file (reading a GGUF's tokenizer arrays in Python takes seconds)."""
-    from hiq2gguf.inspect import inspect_gguf
-
-    cache = path.with_suffix(".bpw.json")
-    stamp = path.stat().st_mtime_ns
-    if cache.exists():
-        c = json.loads(cache.read_text())
-        if c.get("mtime_ns") == stamp:
-            return c["bpw"]
-    ts = [t for t in inspect_gguf(path)["tensors"] if t["name"].startswith("blk.") and len(t["shape"]) == 2]
-    bpw = sum(t["bytes"] for t in ts) * 8 / sum(t["elements"] for t in ts)
-    with atomic_output(cache) as tmp:
-        tmp.write_text(json.dumps({"mtime_ns": stamp, "bpw": bpw}))
-    return bpw
+        return llamacpp.quantize(self.f32(), p, ftype, threads, pure=True,
+                                 imatrix=self.imatrix(threads) if ftype in NEEDS_IMATRIX else None)
 
 
 # ---- timing ------------------------------------------------------------------------
 def llama_bench(paths: list[Path], threads: list[int], reps: int) -> list[dict]:
-    out = _run([tool("llama-bench"), *sum((["-m", p] for p in paths), []),
+    out = llamacpp.run([tool("llama-bench"), *sum((["-m", p] for p in paths), []),
                 "-t", ",".join(map(str, threads)), "-p", str(PP), "-n", str(TG),
                 "-r", str(reps), "-o", "json"])
     return json.loads(out)
@@ -277,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as e:
         ap.error(f"unknown model {e}; choose from {', '.join([*MODEL_ALIASES, *MODELS])}")
     try:
-        _tool_paths.update({name: runtime.tool(name) for name in TOOLS})
+        for name in TOOLS:
+            tool(name)
     except runtime.RuntimeMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -27,56 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-import bench_speed  # noqa: E402  (llama.cpp tool helpers and the cached F32 file of the default model)
+import bench_speed  # noqa: E402  (the cached F32 file of the default model)
+import llamacpp  # noqa: E402  (llama-quantize, llama-imatrix, bpw and types of a file)
 from hiq2gguf import evaluate, runtime  # noqa: E402
 from hiq2gguf.gguf_io import atomic_output  # noqa: E402
+from llamacpp import linear_bpw, linear_types  # noqa: E402
 
 BENCH_VERSION = 1
-
-
-def linear_types(path: Path) -> dict[str, int]:
-    from hiq2gguf.inspect import inspect_gguf
-
-    return dict(Counter(t["type"] for t in inspect_gguf(path)["tensors"]
-                        if t["name"].startswith("blk.") and len(t["shape"]) == 2))
-
-
-def llama_imatrix(f32: Path, out: Path, chunks: int, threads: int) -> Path:
-    from hiq2gguf import data
-
-    if not out.exists():
-        with tempfile.TemporaryDirectory() as td:
-            text = Path(td) / "calibration.txt"
-            text.write_text(data.boolq_split("calibration"), encoding="utf-8")
-            with atomic_output(out) as tmp:
-                bench_speed._run([runtime.tool("llama-imatrix"), "-m", f32, "-f", text, "-o", tmp,
-                                  "-c", "512", "--chunks", str(chunks), "-t", str(threads)])
-    return out
-
-
-def llama_quantize(f32: Path, imatrix: Path, ftype: str, out: Path, threads: int) -> Path:
-    if not out.exists():
-        with atomic_output(out) as tmp:
-            bench_speed._run([runtime.tool("llama-quantize"), "--imatrix", imatrix,
-                              "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0",
-                              f32, tmp, ftype, str(threads)])
-    return out
-
-
-def ppl(path: Path, windows, threads: int) -> float:
-    from hiq2gguf import llama
-
-    with llama.open_model(path, n_ctx=len(windows[0]), logits_all=True, n_threads=threads) as llm:
-        return evaluate.ppl_llama(llm, windows, progress=False).ppl
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
 
-    from hiq2gguf.convert import Conversion, ConvertConfig
+    from hiq2gguf.convert import Conversion, ConvertConfig, ppl_file
     from hiq2gguf.plan import RatioConfig
     from hiq2gguf.stock import DEFAULT_STOCK_TYPES
 
@@ -100,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[stock {time.monotonic() - t0:6.0f}s] {msg}", flush=True)
 
     try:
-        runtime.tool("llama-quantize")
+        llamacpp.tool("llama-quantize")
+        llamacpp.tool("llama-imatrix")
     except runtime.RuntimeMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -108,21 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     f32 = bench_speed.Files(bench_speed.MODELS["smollm2-135m"], log).f32()
     log(f"llama-imatrix ({args.calib_windows} x 512 tokens of the calibration text)")
-    imatrix = llama_imatrix(f32, work / f"imatrix-{args.calib_windows}.gguf", args.calib_windows, args.threads)
+    imatrix = llamacpp.imatrix(f32, work / f"imatrix-{args.calib_windows}.gguf", args.calib_windows, args.threads)
 
     cfg = ConvertConfig(bpw=4.0, target="stock", stock_types=",".join(DEFAULT_STOCK_TYPES),
                         calib_windows=args.calib_windows, eval_windows=args.windows, threads=args.threads,
                         ratio=RatioConfig(estimator=args.estimator, time_limit=args.time_limit), progress=True)
     conv = Conversion(cfg)
     windows = conv.text_windows("boolq", args.windows)
-    f32_ppl = ppl(f32, windows, args.threads)
+
+    def ppl(path: Path) -> float:           # llama.cpp, the patched runtime
+        return ppl_file(path, windows, replace(cfg, progress=False))
+
+    f32_ppl = ppl(f32)
     log(f"F32 GGUF (llama.cpp) ppl {f32_ppl:.4f}")
     calib = conv.calibrate()
 
     rows = []
     for mix in [m.strip().upper() for m in args.mixes.split(",") if m.strip()]:
-        theirs = llama_quantize(f32, imatrix, mix, work / f"llama-quantize-{mix.lower()}.gguf", args.threads)
-        bpw = bench_speed.linear_bpw(theirs)
+        theirs = llamacpp.quantize(f32, work / f"llama-quantize-{mix.lower()}.gguf", mix, args.threads, imatrix)
+        bpw = linear_bpw(theirs)
         log(f"{mix}: llama-quantize linear bpw {bpw:.4f} {linear_types(theirs)}")
         conv.restore()
         plan, info = conv.plan(calib, bpw)
@@ -130,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = work / f"ours-{mix.lower()}.gguf"
         conv.write(ours, packed, stock, bpw)
         row = {"mix": mix, "budget": bpw,
-               "theirs": {"bpw": bpw, "ppl": ppl(theirs, windows, args.threads), "types": linear_types(theirs)},
-               "ours": {"bpw": bench_speed.linear_bpw(ours), "ppl": ppl(ours, windows, args.threads),
+               "theirs": {"bpw": bpw, "ppl": ppl(theirs), "types": linear_types(theirs)},
+               "ours": {"bpw": linear_bpw(ours), "ppl": ppl(ours),
                         "types": linear_types(ours), "solver": info["solver"]["status"],
                         "gap": info["solver"]["gap"],
                         "predicted_loss_increase": info["predicted_loss_increase"]}}
