@@ -314,6 +314,7 @@ def run(args) -> int:
         log(f"{row['name']}: bpw {row['bpw']:.4f}  file_bpw {row['file_bpw']:.4f}  boolq {row['ppl_boolq']:.3f}  "
             f"lambada {row['ppl_lambada']:.3f}  {row['types']}")
 
+    results.costs["runtime"] = str(llamacpp.tool("llama-quantize").parent)   # the build of the last run
     f32, seconds = f32_gguf(conv, model_name, log)
     if seconds is not None:
         results.costs["f32_write_minutes"] = round(seconds / 60, 2)
@@ -398,7 +399,7 @@ def _points(rows: list[dict], text: str, kind: str, method: str | None = None):
 
 def report(rows: list[dict], costs: dict, model: str, settings: dict) -> str:
     ref = next((r for r in rows if r["kind"] == "reference"), None)
-    out = [f"{model}: perplexity through llama.cpp ({runtime.lib_dir()}), {settings['eval_windows']} x 512-token "
+    out = [f"{model}: perplexity through llama.cpp ({costs.get('runtime', '?')}), {settings['eval_windows']} x 512-token "
            f"windows of held-out BoolQ and LAMBADA; calibration {settings['calib_windows']} x 512 BoolQ tokens",
            "",
            f"{'name':<52} {'bpw':>6} {'file':>6} {'boolq':>9} {'lambada':>9} {'gap bq':>8} {'gap lb':>8} "
