@@ -111,13 +111,14 @@ static HIQ2_ALWAYS_INLINE unsigned hiq2_upper_bytes(const int H, const uint8_t *
 #if HIQ2_AVX512
 // AVX-512 (BW, VL, VBMI, BITALG, VNNI) kernel: one 64-weight block is one zmm of
 // bytes. A block is decoded once into 16 L_i (u8, <= 240) and reused for every
-// column of a tile (NR rows x NC columns), so decoding, the dominant cost of a
-// 1 x 1 product, is paid once per NC dot products:
+// column of a tile (NR rows x NC columns), and each column's activations are
+// loaded once per tile and reused for every row:
 //
-//   S_b = sum_{i in b} (16 L_i) q_i - sum_{i in b} z q_i   (two vpdpbusd, exact int32)
+//   S_b = sum_{i in b} (16 L_i) q_i + sum_{i in b} z (-q_i)   (two chained vpdpbusd, exact int32)
 //
-// The 16 int32 lanes (8 per Q8_0 block) are scaled by d * dy_b and accumulated
-// in float (another summation order; within float32 rounding of the exact sum).
+// (ggml's Q8_0 quants are in -127..127, so -q is exact.) The 16 int32 lanes (8 per
+// Q8_0 block) are scaled by d * dy_b and accumulated in float (another summation
+// order; within float32 rounding of the exact sum).
 
 // qword lane L of a decoded block holds weights 8L..8L+7 (group L).
 // Low 2 bits of weight i = 8L + j: bit 8j + 2*(L/2) of ql's qword L%2; select the
@@ -128,92 +129,122 @@ static const uint8_t hiq2_ctrl_lo[64] __attribute__((aligned(64))) = {
      0,  8, 16, 24, 32, 40, 48, 56,  0,  8, 16, 24, 32, 40, 48, 56,
      2, 10, 18, 26, 34, 42, 50, 58,  2, 10, 18, 26, 34, 42, 50, 58,
 };
-// Upper 2 bits of weight j of group L: bits 2j of the group's 16-bit qh chunk,
-// zero-extended into qword L; select from 6 below it: the field lands at bits 6..7.
-static const uint8_t hiq2_ctrl_up[64] __attribute__((aligned(64))) = {
-    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
-    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
-    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
-    58, 60, 62,  0,  2,  4,  6,  8, 58, 60, 62,  0,  2,  4,  6,  8,
+// 16 L = 80 c of a low-group weight, looked up by vpermb from the byte holding its
+// 2-bit code c at bits 4..5 (vpermb reads bits 0..5 of the index; bits 0..3 are
+// other fields)
+#define HIQ2_LUT_C(v) v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v
+static const uint8_t hiq2_lut80[64] __attribute__((aligned(64))) = {
+    HIQ2_LUT_C(0), HIQ2_LUT_C(80), HIQ2_LUT_C(160), HIQ2_LUT_C(240),
 };
+#undef HIQ2_LUT_C
+// Upper 2 bits, per effective mask: vpmultishiftqb controls that take weight j of
+// group g from the qword of qh holding its group's 16-bit chunk k (k = rank of g
+// among the high groups = popcount of the mask bits below g; chunk k is bits
+// 16 (k % 4) .. of qh's qword k / 4, which the decoder places in qword g): bits
+// 16 (k % 4) + 2j, selected from 6 below so the field lands at bits 6..7. Low
+// groups' bytes are never used (they take 80 c from hiq2_lut80). One 64-byte row
+// per mask replaces computing the ranks (popcounts, widening, a permute with
+// computed indices) in every block.
+static uint8_t hiq2_up_ctrl[256][64] __attribute__((aligned(64)));
+
+__attribute__((constructor)) static void hiq2_up_ctrl_init(void) {
+    for (int em = 0; em < 256; ++em) {
+        memset(hiq2_up_ctrl[em], 0, 64);
+        for (int g = 0, k = 0; g < HIQ2_NGROUPS; ++g) {
+            if (em & (1 << g)) {
+                for (int j = 0; j < HIQ2_GROUP; ++j) {
+                    hiq2_up_ctrl[em][8 * g + j] = (uint8_t)((16 * (k % 4) + 2 * j - 6) & 63);
+                }
+                ++k;
+            }
+        }
+    }
+}
+
+// constants of the decoder, loaded once per kernel call
+typedef struct {
+    __m512i ctrl_lo, lut80;
+} hiq2_dec_consts;
+
+static HIQ2_ALWAYS_INLINE hiq2_dec_consts hiq2_dec_consts_load(void) {
+    hiq2_dec_consts k;
+    k.ctrl_lo = _mm512_load_si512((const void *) hiq2_ctrl_lo);
+    k.lut80   = _mm512_load_si512((const void *) hiq2_lut80);
+    return k;
+}
 
 // 16 * L_i of one block as 64 bytes in weight order, branch-free. Like the
 // dequantizer, only the first H set bits of the mask count as high groups.
-static HIQ2_ALWAYS_INLINE __m512i hiq2_decode16_avx512(const int H, const uint8_t * blk,
-                                                       const __m512i ctrl_lo, const __m512i ctrl_up) {
-    const __m512i m30 = _mm512_set1_epi8(0x30);
+static HIQ2_ALWAYS_INLINE __m512i hiq2_decode16_avx512(const int H, const uint8_t * blk, const hiq2_dec_consts k) {
     const __m512i qlx = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(blk + HIQ2_HEADER_BYTES)));
-    const __m512i lo  = _mm512_multishift_epi64_epi8(ctrl_lo, qlx);             // field at bits 4..5
+    const __m512i lo  = _mm512_multishift_epi64_epi8(k.ctrl_lo, qlx);             // field at bits 4..5
     if (H == 0) {
-        const __m512i c16 = _mm512_and_si512(lo, m30);                         // 16 c, c <= 3
-        return _mm512_add_epi8(c16, _mm512_slli_epi16(c16, 2));                // 80 c (no carry across bytes)
+        return _mm512_permutexvar_epi8(lo, k.lut80);                             // all groups low: 80 c
     }
     const uint8_t * qh = blk + HIQ2_HEADER_BYTES + HIQ2_QL_BYTES;
     const unsigned em  = H == HIQ2_NGROUPS ? blk[3] : (unsigned) _pdep_u32((1u << H) - 1u, blk[3]);
     const __m128i qhv  = H == HIQ2_NGROUPS ? _mm_loadu_si128((const __m128i *) qh)
                                            : _mm_maskz_loadu_epi8((__mmask16)((1u << (2 * H)) - 1u), qh);
-    // word g <- 16-bit chunk k_g = popcount(em & ((1 << g) - 1)) for high groups, 0 for
-    // low groups (a permute with computed indices: vpexpandw with a data-dependent
-    // mask is several times slower on AMD Zen 4)
-    const __m128i pre  = _mm_and_si128(_mm_set1_epi8((char) em), _mm_setr_epi8(0, 1, 3, 7, 15, 31, 63, 127, 0,0,0,0,0,0,0,0));
-    const __m128i kidx = _mm_cvtepu8_epi16(_mm_popcnt_epi8(pre));
-    const __m128i qhg  = _mm_maskz_permutexvar_epi16((__mmask8) em, kidx, qhv);
-    const __m512i up   = _mm512_multishift_epi64_epi8(ctrl_up, _mm512_cvtepu16_epi64(qhg));
-    // c16 = (lo & 0x30) | (up & 0xC0)
-    const __m512i c16  = _mm512_ternarylogic_epi32(lo, _mm512_and_si512(up, _mm512_set1_epi8((char) 0xC0)), m30, 0xEC);
-    // low groups: L = 5c, c <= 3: 16 L = c16 + 4 c16 (c16 <= 48, so the 16-bit shift does
-    // not carry into the neighbouring byte, which is in the same group)
+    // qword g of src: qh's qword 0 (chunks 0..3), or qword 1 for the groups of rank >= 4
+    const __m512i src  = H <= 4 ? _mm512_broadcastq_epi64(qhv)
+                                : _mm512_permutexvar_epi64(_mm512_maskz_mov_epi64((__mmask8) _pdep_u32(0xF0u, em), _mm512_set1_epi64(1)),
+                                                           _mm512_castsi128_si512(qhv));
+    const __m512i up   = _mm512_multishift_epi64_epi8(_mm512_load_si512((const void *) hiq2_up_ctrl[em]), src);
+    // c16 = (lo & 0x30) | (up & 0xC0) = 16 c for high groups; low groups: 80 c from the table
+    const __m512i c16  = _mm512_ternarylogic_epi32(lo, _mm512_and_si512(up, _mm512_set1_epi8((char) 0xC0)),
+                                                   _mm512_set1_epi8(0x30), 0xEC);
     const __mmask64 low = _cvtu64_mask64(~(_pdep_u64(em, 0x0101010101010101ull) * 0xFFull));
-    return _mm512_mask_add_epi8(c16, low, c16, _mm512_slli_epi16(c16, 2));
+    return _mm512_mask_permutexvar_epi8(c16, low, lo, k.lut80);
 }
 
-// Q8_0 quants of blocks 2ib, 2ib+1 as one zmm
-static HIQ2_ALWAYS_INLINE __m512i hiq2_load_q8x2(const hiq2_block_q8_0 * y) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) y[0].qs)),
+// one column's activations for one 64-weight block: the quants of Q8_0 blocks 2ib,
+// 2ib+1 as one zmm, their negation (for the zero-point term) and dy as 8 + 8 float lanes
+typedef struct {
+    __m512i q, nq;
+    __m512  dy;
+} hiq2_act;
+
+static HIQ2_ALWAYS_INLINE hiq2_act hiq2_act_load(const hiq2_block_q8_0 * y) {
+    hiq2_act a;
+    a.q  = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) y[0].qs)),
                               _mm256_loadu_si256((const __m256i *) y[1].qs), 1);
+    a.nq = _mm512_sub_epi8(_mm512_setzero_si512(), a.q);
+    a.dy = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16((short) y[0].d)),
+                                                   _mm_set1_epi16((short) y[1].d), 1));
+    return a;
 }
 
-// dy of blocks 2ib, 2ib+1 as 8 + 8 float lanes
-static HIQ2_ALWAYS_INLINE __m512 hiq2_load_dy2(const hiq2_block_q8_0 * y) {
-    const __m256i h = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16((short) y[0].d)),
-                                              _mm_set1_epi16((short) y[1].d), 1);
-    return _mm512_cvtph_ps(h);
-}
-
-#define HIQ2_MM_MAX 4
-// s[c * bs + r] = row r of x . column c of y, r < NR, c < NC (1 <= NR, NC <= HIQ2_MM_MAX, constants)
-static HIQ2_ALWAYS_INLINE void hiq2_mm_avx512(const int H, const int NR, const int NC, const int n,
+#define HIQ2_MM_MAX_R 8
+#define HIQ2_MM_MAX_C 4
+// s[c * bs + r] = row r of x . column c of the activations, r < NR, c < NC (constants).
+// Activations come either packed (act[ib * NC + c], see hiq2_pack_act) or, when act is
+// NULL, straight from the Q8_0 rows y (stride by).
+static HIQ2_ALWAYS_INLINE void hiq2_mm_avx512(const int H, const int NR, const int NC, const int nb,
                                               float * GGML_RESTRICT s, const size_t bs,
                                               const uint8_t * GGML_RESTRICT x, const size_t bx,
+                                              const hiq2_act * GGML_RESTRICT act,
                                               const uint8_t * GGML_RESTRICT y, const size_t by) {
-    const int nb = n / QK_HIQ2;
     const size_t ts = HIQ2_TYPE_SIZE(H);
-    const __m512i ctrl_lo = _mm512_load_si512((const void *) hiq2_ctrl_lo);
-    const __m512i ctrl_up = _mm512_load_si512((const void *) hiq2_ctrl_up);
-    __m512 acc[HIQ2_MM_MAX][HIQ2_MM_MAX];
+    const hiq2_dec_consts k = hiq2_dec_consts_load();
+    __m512 acc[HIQ2_MM_MAX_R][HIQ2_MM_MAX_C];
     for (int r = 0; r < NR; ++r) {
         for (int c = 0; c < NC; ++c) {
             acc[r][c] = _mm512_setzero_ps();
         }
     }
     for (int ib = 0; ib < nb; ++ib) {
-        __m512i q[HIQ2_MM_MAX];
-        __m512  dy[HIQ2_MM_MAX];
+        hiq2_act a[HIQ2_MM_MAX_C];
         for (int c = 0; c < NC; ++c) {
-            const hiq2_block_q8_0 * yc = (const hiq2_block_q8_0 *)(y + c * by) + 2 * ib;
-            q[c]  = hiq2_load_q8x2(yc);
-            dy[c] = hiq2_load_dy2(yc);
+            a[c] = act ? act[ib * NC + c] : hiq2_act_load((const hiq2_block_q8_0 *)(y + c * by) + 2 * ib);
         }
         for (int r = 0; r < NR; ++r) {
             const uint8_t * blk = x + r * bx + ib * ts;
-            const __m512i L16 = hiq2_decode16_avx512(H, blk, ctrl_lo, ctrl_up);
+            const __m512i L16 = hiq2_decode16_avx512(H, blk, k);
             const __m512i vz  = _mm512_set1_epi8((char) blk[2]);
-            const __m512  vd  = _mm512_set1_ps(_cvtsh_ss(ggml_hiq2_read_u16(blk)));
+            const __m512  vd  = _mm512_cvtph_ps(_mm256_set1_epi16((short) ggml_hiq2_read_u16(blk)));
             for (int c = 0; c < NC; ++c) {
-                const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), L16, q[c]);
-                const __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vz, q[c]);
-                const __m512  f = _mm512_cvtepi32_ps(_mm512_sub_epi32(a, b));
-                acc[r][c] = _mm512_fmadd_ps(f, _mm512_mul_ps(vd, dy[c]), acc[r][c]);
+                const __m512i S = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), L16, a[c].q), vz, a[c].nq);
+                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), _mm512_mul_ps(vd, a[c].dy), acc[r][c]);
             }
         }
     }
@@ -223,13 +254,23 @@ static HIQ2_ALWAYS_INLINE void hiq2_mm_avx512(const int H, const int NR, const i
         }
     }
 }
+
+// act[ib * NC + c] for columns c < NC of the Q8_0 rows y (stride by), nb blocks
+static HIQ2_ALWAYS_INLINE void hiq2_pack_act(const int NC, const int nb, const uint8_t * GGML_RESTRICT y, const size_t by,
+                                             hiq2_act * GGML_RESTRICT act) {
+    for (int ib = 0; ib < nb; ++ib) {
+        for (int c = 0; c < NC; ++c) {
+            act[ib * NC + c] = hiq2_act_load((const hiq2_block_q8_0 *)(y + c * by) + 2 * ib);
+        }
+    }
+}
 #endif
 
 static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_impl(const int H, const int n, float * GGML_RESTRICT s,
                                                  const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
     assert(n % QK_HIQ2 == 0);
 #if HIQ2_AVX512
-    hiq2_mm_avx512(H, 1, 1, n, s, 0, (const uint8_t *) vx, 0, (const uint8_t *) vy, 0);
+    hiq2_mm_avx512(H, 1, 1, n / QK_HIQ2, s, 0, (const uint8_t *) vx, 0, NULL, (const uint8_t *) vy, 0);
 #else
     const int nb = n / QK_HIQ2;
     const size_t ts = HIQ2_TYPE_SIZE(H);
@@ -340,7 +381,7 @@ static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_tile(const int H, const int n, float
     assert(nrc == 1 || nrc == 2);
 #if HIQ2_AVX512
     if (nrc == 2) {
-        hiq2_mm_avx512(H, 2, 2, n, s, bs, (const uint8_t *) vx, bx, (const uint8_t *) vy, by);
+        hiq2_mm_avx512(H, 2, 2, n / QK_HIQ2, s, bs, (const uint8_t *) vx, bx, NULL, (const uint8_t *) vy, by);
         return;
     }
 #else
@@ -372,43 +413,57 @@ HIQ2_FOREACH(HIQ2_DEFINE_CPU_FNS)
 
 // ---- GEMM (llamafile_sgemm hook, see patch.py) ---------------------------------
 // C[j * ldc + i] = (row i of A) . (row j of B), A: m rows of k HIQ2_H<H> blocks
-// (stride lda blocks), B: n rows of 2k Q8_0 blocks (stride ldb blocks). Tiles of
-// 3 rows x 4 columns decode each weight block once per 4 columns and load each
-// activation block once per 3 rows (3 x 4 accumulators + operands fit the 32 zmm
-// registers).
+// (stride lda blocks), B: n rows of 2k Q8_0 blocks (stride ldb blocks). n == 1 is
+// token generation (the hook takes it too, see patch.py). The activations of a group
+// of columns are unpacked once (hiq2_pack_act) and reused by every row tile:
+// * prompt processing: tiles of 3 rows x 4 columns decode each weight block once
+//   per 4 columns (3 x 4 accumulators + operands fit the 32 zmm registers);
+// * one column: tiles of 8 rows, so the activation loads and the loop overhead
+//   are shared by 8 rows and 8 independent dependency chains hide the latencies.
 #if HIQ2_AVX512
 #define HIQ2_GEMM_TR       3                    // tile rows
 #define HIQ2_GEMM_TC       4                    // tile columns
-#define HIQ2_GEMM_JOB_ROWS (16 * HIQ2_GEMM_TR)  // rows per dynamically scheduled job
+#define HIQ2_GEMV_TR       8                    // tile rows, one column
+#define HIQ2_GEMM_JOB_ROWS 48                   // rows per dynamically scheduled job (a multiple of both)
+#define HIQ2_PACK_MAX_BLOCKS 256                // rows of up to 16384 weights use a packed copy of B (on the stack)
+
+// rows r0..r1-1 of C for the NC columns at c, tiles of TR rows
+static HIQ2_ALWAYS_INLINE void hiq2_gemm_cols(const int H, const int TR, const int NC, const int64_t r0, const int64_t r1,
+                                              const int nb, const uint8_t * GGML_RESTRICT A, const size_t lda,
+                                              const hiq2_act * GGML_RESTRICT act, const uint8_t * GGML_RESTRICT b, const size_t ldb,
+                                              float * GGML_RESTRICT c, const size_t ldc) {
+    int64_t i = r0;
+    for (; i + TR <= r1; i += TR) {
+        hiq2_mm_avx512(H, TR, NC, nb, c + i, ldc, A + i * lda, lda, act, b, ldb);
+    }
+    for (; i < r1; ++i) {
+        hiq2_mm_avx512(H, 1, NC, nb, c + i, ldc, A + i * lda, lda, act, b, ldb);
+    }
+}
+
 // rows r0..r1-1 of C, all n columns
 static HIQ2_ALWAYS_INLINE void hiq2_gemm_rows(const int H, const int64_t r0, const int64_t r1,
                                               const int64_t n, const int64_t k,
                                               const uint8_t * GGML_RESTRICT A, const size_t lda,
                                               const uint8_t * GGML_RESTRICT B, const size_t ldb,
                                               float * GGML_RESTRICT C, const size_t ldc) {
-    const int kn = (int) k * QK_HIQ2;
+    const int nb = (int) k;
+    const bool packed = nb <= HIQ2_PACK_MAX_BLOCKS;
+    hiq2_act act[packed ? nb * HIQ2_GEMM_TC : 1];
     int64_t j = 0;
     for (; j + HIQ2_GEMM_TC <= n; j += HIQ2_GEMM_TC) {
         const uint8_t * b = B + j * ldb;
-        float * c = C + j * ldc;
-        int64_t i = r0;
-        for (; i + HIQ2_GEMM_TR <= r1; i += HIQ2_GEMM_TR) {
-            hiq2_mm_avx512(H, HIQ2_GEMM_TR, HIQ2_GEMM_TC, kn, c + i, ldc, A + i * lda, lda, b, ldb);
+        if (packed) {
+            hiq2_pack_act(HIQ2_GEMM_TC, nb, b, ldb, act);
         }
-        for (; i < r1; ++i) {
-            hiq2_mm_avx512(H, 1, HIQ2_GEMM_TC, kn, c + i, ldc, A + i * lda, lda, b, ldb);
-        }
+        hiq2_gemm_cols(H, HIQ2_GEMM_TR, HIQ2_GEMM_TC, r0, r1, nb, A, lda, packed ? act : NULL, b, ldb, C + j * ldc, ldc);
     }
     for (; j < n; ++j) {
         const uint8_t * b = B + j * ldb;
-        float * c = C + j * ldc;
-        int64_t i = r0;
-        for (; i + HIQ2_GEMM_TR <= r1; i += HIQ2_GEMM_TR) {
-            hiq2_mm_avx512(H, HIQ2_GEMM_TR, 1, kn, c + i, 0, A + i * lda, lda, b, 0);
+        if (packed) {
+            hiq2_pack_act(1, nb, b, ldb, act);
         }
-        for (; i < r1; ++i) {
-            hiq2_mm_avx512(H, 1, 1, kn, c + i, 0, A + i * lda, lda, b, 0);
-        }
+        hiq2_gemm_cols(H, HIQ2_GEMV_TR, 1, r0, r1, nb, A, lda, packed ? act : NULL, b, ldb, C + j * ldc, 0);
     }
 }
 
@@ -418,10 +473,10 @@ static HIQ2_ALWAYS_INLINE void hiq2_gemm_impl(const int H, struct ggml_threadpoo
                                               const uint8_t * GGML_RESTRICT B, const size_t ldb,
                                               float * GGML_RESTRICT C, const size_t ldc) {
     if (tp == NULL) {
-        // static split: thread ith takes a contiguous range of whole tiles
-        const int64_t ntiles = (m + HIQ2_GEMM_TR - 1) / HIQ2_GEMM_TR;
-        const int64_t r0 = HIQ2_GEMM_TR * ((ntiles * ith) / nth);
-        const int64_t r1 = ith == nth - 1 ? m : HIQ2_GEMM_TR * ((ntiles * (ith + 1)) / nth);
+        // static split: thread ith takes a contiguous range of whole jobs
+        const int64_t ntiles = (m + HIQ2_GEMM_JOB_ROWS - 1) / HIQ2_GEMM_JOB_ROWS;
+        const int64_t r0 = HIQ2_GEMM_JOB_ROWS * ((ntiles * ith) / nth);
+        const int64_t r1 = ith == nth - 1 ? m : HIQ2_GEMM_JOB_ROWS * ((ntiles * (ith + 1)) / nth);
         hiq2_gemm_rows(H, r0, r1, n, k, A, lda, B, ldb, C, ldc);
         return;
     }

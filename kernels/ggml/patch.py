@@ -107,19 +107,20 @@ EDITS: dict[str, list[Edit]] = {
              f"    GGML_HIQ2_TYPE_TRAITS_CPU_ROWS // {MARK}\n"
              "};\n"),
     ],
-    # prompt processing: HIQ2 x Q8_0 matrix products go to the HIQ2 GEMM (tiles of
-    # several activation columns) when the build has one; ggml's vec_dot loop otherwise
+    # HIQ2 x Q8_0 matrix products (prompt processing and token generation) go to the
+    # HIQ2 GEMM when the build has one; ggml's vec_dot loop otherwise
     "ggml/src/ggml-cpu/llamafile/sgemm.cpp": [
         Edit('#include "ggml-quants.h"\n', f'#include "ggml-quants.h"\n#include "hiq2.h" // {MARK}\n'),
-        Edit("    if (Ctype != GGML_TYPE_F32)\n        return false;\n\n    switch (Atype) {\n",
-             "    if (Ctype != GGML_TYPE_F32)\n        return false;\n\n"
+        Edit("    // only enable sgemm for prompt processing\n#if !defined(__MMA__)\n    if (n < 2)\n",
              f"    if (ggml_is_hiq2_type((enum ggml_type) Atype)) {{ // {MARK}\n"
-             "        // the CPU backend's reference mode (test-backend-ops compares against it)\n"
-             "        // takes ggml's vec_dot loop instead of the HIQ2 GEMM\n"
-             "        return Btype == GGML_TYPE_Q8_0 && !params->use_ref &&\n"
+             "        // every batch size, token generation (n == 1) included: the HIQ2 kernel\n"
+             "        // shares each activation block between 8 rows there. The CPU backend's\n"
+             "        // reference mode (test-backend-ops compares against it) takes ggml's\n"
+             "        // vec_dot loop instead\n"
+             "        return Ctype == GGML_TYPE_F32 && Btype == GGML_TYPE_Q8_0 && !params->use_ref &&\n"
              "               ggml_hiq2_sgemm(params->threadpool, params->ith, params->nth, m, n, k, A, lda, B, ldb, (float *) C, ldc, Atype);\n"
              "    }\n\n"
-             "    switch (Atype) {\n"),
+             "    // only enable sgemm for prompt processing\n#if !defined(__MMA__)\n    if (n < 2)\n"),
     ],
     # add, add1, acc, out_prod, set, get_rows, clamp: the quantized-type lists
     "ggml/src/ggml-cpu/ops.cpp": [
