@@ -264,8 +264,22 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
         raise ValueError(f"unknown ratio strategy {cfg.ratio_strategy!r}")
     if cfg.ratio_strategy == "optimized" and cfg.ratio.ratios:
         parse_ratios(cfg.ratio.ratios)
-    if cfg.stream:
-        return convert_streamed(cfg, out, model_ref, report_path, t_start)
+    from hiq2gguf.optimize import InfeasibleBudget
+    from hiq2gguf.resume import partial_dir
+
+    fresh = not partial_dir(out).exists()
+    try:
+        if cfg.stream:
+            return convert_streamed(cfg, out, model_ref, report_path, t_start)
+        return convert_in_memory(cfg, out, model_ref, report_path, t_start)
+    except (BudgetError, InfeasibleBudget):   # bad input found late (after calibration): not worth resuming
+        if fresh:
+            import shutil
+            shutil.rmtree(partial_dir(out), ignore_errors=True)
+        raise
+
+
+def convert_in_memory(cfg: ConvertConfig, out: Path, model_ref: str | None, report_path, t_start: float) -> dict:
     conv = Conversion(cfg, model_ref)
     if cfg.checkpoints:
         from hiq2gguf.resume import partial_dir
