@@ -239,6 +239,12 @@ static HIQ2_ALWAYS_INLINE void hiq2_mm_avx512(const int H, const int NR, const i
         }
         for (int r = 0; r < NR; ++r) {
             const uint8_t * blk = x + r * bx + ib * ts;
+            // prefetch the same block of the next row tile (a tile's rows are NR
+            // interleaved streams; without this, matrices streamed from DRAM in token
+            // generation spent ~20-30 % of the time waiting for weights)
+            if (NR > 1) {
+                _mm_prefetch((const char *)(blk + NR * bx), _MM_HINT_T0);
+            }
             const __m512i L16 = hiq2_decode16_avx512(H, blk, k);
             const __m512i vz  = _mm512_set1_epi8((char) blk[2]);
             const __m512  vd  = _mm512_cvtph_ps(_mm256_set1_epi16((short) ggml_hiq2_read_u16(blk)));
