@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the separate CUDA build (HIQ2 CUDA kernels; needs nvcc, not a GPU)")
     rt.add_argument("--rpc", action="store_true",
                     help="a separate build with llama.cpp's RPC backend and rpc-server (distributed inference)")
+    from hiq2gguf.runtime import CPU_VARIANTS   # stdlib only: cheap to import here
+
+    rt.add_argument("--cpu-variant", action="append", choices=sorted(CPU_VARIANTS), default=[],
+                    help="also build libggml-cpu for this instruction set (tests of the non-native kernels)")
     rt.set_defaults(func=_runtime)
     return p
 

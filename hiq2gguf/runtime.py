@@ -20,11 +20,18 @@ Layout under the cache dir ($HIQ2GGUF_CACHE or ~/.cache/hiq2gguf):
     runtime/llama.cpp-<ver>-<key>/COMPLETE    stamp, written last
     runtime-cuda/llama.cpp-<ver>-<key>/       the same for the CUDA build
     runtime-rpc/llama.cpp-<ver>-<key>/        the same for the RPC build (runtime-cuda-rpc/: both)
+    runtime/llama.cpp-<ver>-<key>/build-<variant>-<vkey>/   libggml-cpu alone for another
+                                              instruction set (CPU_VARIANTS), from the same src/
     cuda-extra/                               cuBLAS headers/libraries (PyPI wheel) when
                                               the CUDA toolkit has none
 ``key`` is a sha256 over the sdist version, kernels/ggml/* (CUDA build: and
 kernels/cuda/*), the CMake arguments and the targets, so the build is redone
 only when one of them changes (ccache makes a rebuild after a kernel edit cheap).
+
+``build_cpu_variant(name)`` (``hiq2gguf runtime build --cpu-variant avx2``) compiles
+only ggml-cpu again, without -march=native, for one of CPU_VARIANTS: the tests use
+it to run the AVX2 and the portable code of the HIQ2 kernels on a host whose native
+build only ever compiles the AVX-512 ones.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SDIST_NAME = "llama-cpp-python"
@@ -105,6 +114,63 @@ CUBLAS_WHEEL = ("nvidia-cublas", "13.0.2.14")
 # backend and rpc-server, so a model of ours can be split across machines.
 RPC_CMAKE_ARGS = ["-DGGML_RPC=ON"]
 RPC_TARGETS = ["ggml-rpc", "ggml-rpc-server"]   # the server binary of this llama.cpp is ggml-rpc-server
+
+
+@dataclass(frozen=True)
+class CpuVariant:
+    """libggml-cpu compiled for one x86 instruction set instead of the host's (-march=native):
+    GGML_NATIVE off, the ggml ISA options in ``options`` on and every other one off (the
+    ISA sets of ggml's own GGML_CPU_ALL_VARIANTS builds)."""
+    name: str
+    options: tuple[str, ...]       # GGML_<option>=ON
+    cpu_flags: tuple[str, ...]     # /proc/cpuinfo flags a host needs to run it
+    vector_width: int              # widest vector register (bits) the HIQ2 kernels may use
+
+    def missing_on_host(self) -> list[str]:
+        """What this machine lacks to run the variant ([] where it can)."""
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return [f"an x86-64 CPU (this is {platform.machine()})"]
+        have = host_cpu_flags()
+        return [f for f in self.cpu_flags if f not in have]
+
+
+def host_cpu_flags() -> set[str]:
+    """CPU feature flags of this machine as /proc/cpuinfo names them (empty where it has none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# every x86 ISA option of ggml's CMake (ggml/CMakeLists.txt)
+GGML_X86_ISA_OPTIONS = ("SSE42", "AVX", "AVX_VNNI", "AVX2", "BMI2", "FMA", "F16C", "AVX512", "AVX512_VBMI",
+                        "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8", "AMX_BF16")
+
+CPU_VARIANTS = {v.name: v for v in (
+    # ggml's "haswell": the AVX2 kernels (and BMI2 block decoding)
+    CpuVariant("avx2", ("SSE42", "AVX", "F16C", "FMA", "BMI2", "AVX2"),
+               ("sse4_2", "avx", "f16c", "fma", "bmi2", "avx2"), 256),
+    # ggml's "x64": the x86-64 baseline (SSE2), i.e. the portable C of our kernels
+    CpuVariant("generic", (), (), 128),
+)}
+CPU_VARIANT_TARGETS = ["ggml-cpu"]
+
+
+def cpu_variant_cmake_args(name: str) -> list[str]:
+    v = _cpu_variant(name)
+    isa = [f"-DGGML_{o}={'ON' if o in v.options else 'OFF'}" for o in GGML_X86_ISA_OPTIONS]
+    # otherwise the runtime's arguments, so ggml-base compiles identically (ccache hits)
+    return [a for a in CMAKE_ARGS if a != "-DGGML_NATIVE=ON"] + ["-DGGML_NATIVE=OFF"] + isa
+
+
+def _cpu_variant(name: str) -> CpuVariant:
+    if name not in CPU_VARIANTS:
+        raise ValueError(f"unknown CPU variant {name!r} (known: {', '.join(CPU_VARIANTS)})")
+    return CPU_VARIANTS[name]
 
 
 def _flavor(cuda: bool = False, rpc: bool = False) -> tuple[str, list[str], list[str]]:
@@ -202,6 +268,11 @@ def lib_dir(cuda: bool = False, rpc: bool = False) -> Path:
         if (d / "libllama.so").exists() or (d / "libllama.dylib").exists():
             return d
     raise RuntimeMissing(f"libllama not found in {work / 'build'}")
+
+
+def source_dir() -> Path:
+    """The patched llama.cpp tree of the runtime build (headers for code compiled against it)."""
+    return _find_built() / "src" / "vendor" / "llama.cpp"
 
 
 def tool(name: str, cuda: bool = False, rpc: bool = False) -> Path:
@@ -519,6 +590,54 @@ def _prune_old_builds(current: Path, keep: int = 1, quiet_s: float = 900.0) -> N
         shutil.rmtree(p, ignore_errors=True)
 
 
+# ---- CPU variants -------------------------------------------------------------------
+def _cpu_variant_dir(name: str, work: Path) -> Path:
+    h = hashlib.sha256(("\0".join(cpu_variant_cmake_args(name) + CPU_VARIANT_TARGETS)).encode())
+    # a sibling of work/build: the same depth below CCACHE_BASEDIR (= work), so the
+    # relative paths in the compile commands, and with them ccache's keys, are the
+    # runtime's (ggml-base, which no ISA option touches, comes from the cache)
+    return work / f"build-{name}-{h.hexdigest()[:12]}"
+
+
+def build_cpu_variant(name: str, jobs: int | None = None) -> Path:
+    """Build (if needed) libggml-cpu for CPU_VARIANTS[name] from the runtime's patched
+    tree, so the current kernels; returns its lib dir. The runtime must be built."""
+    import fcntl
+
+    _cpu_variant(name)
+    work = _find_built()                       # RuntimeMissing unless the runtime is built
+    vdir = _cpu_variant_dir(name, work)
+    libd = vdir / "bin"
+    if _stamp(vdir).exists():
+        return libd
+    vdir.mkdir(parents=True, exist_ok=True)
+    with open(vdir / ".lock", "w") as lock:    # one build at a time (parallel test runs)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _stamp(vdir).exists():
+            return libd
+        log = _Log(vdir / "build.log")
+        log.phase(f"building libggml-cpu, CPU variant {name!r}, in {vdir}; log: {log.path}")
+        args = cpu_variant_cmake_args(name)
+        root = source_dir()
+        env = _build_env(work)
+        try:
+            log.run(["cmake", "-S", root, "-B", vdir, "-G", "Ninja", *args], env=env)
+            log.run(["cmake", "--build", vdir, "-j", str(jobs or os.cpu_count() or 2),
+                     "--target", *CPU_VARIANT_TARGETS], env=env)
+        except BuildError:
+            print(f"[runtime] CPU variant build FAILED; full log: {log.path}", file=sys.stderr, flush=True)
+            raise
+        if not (libd / "libggml-cpu.so").exists():
+            raise BuildError(f"build finished but libggml-cpu.so is not in {libd}; see {log.path}")
+        tmp = vdir / "COMPLETE.tmp"
+        tmp.write_text(json.dumps({"variant": name, "cmake_args": args, "targets": CPU_VARIANT_TARGETS,
+                                   "lib_dir": str(libd), "seconds": round(time.monotonic() - log.t0, 1),
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+        os.replace(tmp, _stamp(vdir))
+        log.phase(f"done: {libd / 'libggml-cpu.so'}")
+    return libd
+
+
 # ---- CLI hooks (wired by hiq2gguf's `runtime build|path` subcommand) ---------------
 def add_build_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild from scratch even if up to date")
@@ -528,6 +647,8 @@ def add_build_arguments(parser) -> None:
                         help="the separate CUDA build (ggml-cuda + HIQ2 CUDA kernels; needs nvcc, not a GPU)")
     parser.add_argument("--rpc", action="store_true",
                         help="a separate build with llama.cpp's RPC backend and rpc-server (distributed inference)")
+    parser.add_argument("--cpu-variant", action="append", choices=sorted(CPU_VARIANTS), default=[],
+                        help="also build libggml-cpu for this instruction set (tests of the non-native kernels)")
 
 
 def main_build(args) -> int:
@@ -536,6 +657,8 @@ def main_build(args) -> int:
                   python_package=not getattr(args, "no_python", False),
                   jobs=getattr(args, "jobs", None), cuda=getattr(args, "cuda", False),
                   rpc=getattr(args, "rpc", False))
+        for name in getattr(args, "cpu_variant", None) or []:
+            print(build_cpu_variant(name, jobs=getattr(args, "jobs", None)))
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

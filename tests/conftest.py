@@ -47,3 +47,19 @@ def runtime_lib():
         return runtime.lib_dir()
     except runtime.RuntimeMissing as e:
         pytest.skip(f"patched llama.cpp runtime not built: {e}")
+
+
+@pytest.fixture(scope="session")
+def cpu_variant_lib_dir(runtime_lib):
+    """name -> lib dir of that CPU variant of the runtime (runtime.CPU_VARIANTS: libggml-cpu
+    for AVX2, or portable), built on first use (minutes when cold, then cached beside the
+    runtime); skips where this CPU cannot run the variant."""
+    from hiq2gguf import runtime
+
+    def get(name: str) -> Path:
+        missing = runtime.CPU_VARIANTS[name].missing_on_host()
+        if missing:
+            pytest.skip(f"this machine cannot run the {name} build: lacks {', '.join(missing)}")
+        return runtime.build_cpu_variant(name)
+
+    return get

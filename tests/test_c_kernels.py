@@ -1,21 +1,33 @@
 """The C kernels of the patched llama.cpp against the numpy reference (hiq2gguf.formats).
 
 Loads libggml-base / libggml-cpu of the built runtime with ctypes and checks,
-for every HIQ2 type:
+for every HIQ2 type and for every build of libggml-cpu: the runtime's own
+(-march=native; on an AVX-512 host its AVX-512 kernels) and the CPU variants
+(runtime.CPU_VARIANTS: AVX2, and the portable C), which are built on first use
+and run here when the CPU can execute them:
   * type traits (name, block size, type size) and CPU traits (vec_dot_type Q8_0);
   * dequantize (to_float) == formats.dequantize, bit for bit;
   * reference quantize (from_float_ref, CPU from_float, ggml_quantize_chunk)
     == formats.quantize_ref, byte for byte;
   * vec_dot against Q8_0 == float64 dequant(w) . dequant(q8_0(y)) within
     VEC_DOT_RTOL * sum |w_i y_i| (float32 accumulation over <= 24 blocks);
+  * vec_dot's 2 x 2 tile and the GEMM of the llamafile_sgemm hook (every build has one)
+    within the same bound, and a mul_mat graph on the CPU backend;
   * ggml_validate_row_data accepts valid rows and rejects a bad mask popcount,
-    NaN / inf / negative scales.
+    NaN / inf / negative scales;
+  * each library's kernels are its own (not interposed by another loaded build) and
+    use the vector registers of its instruction set, no wider (objdump).
 Skipped (with the reason) when the runtime is not built.
 """
 
 from __future__ import annotations
 
 import ctypes as C
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,9 +75,20 @@ VEC_DOT = C.CFUNCTYPE(None, C.c_int, C.c_void_p, C.c_size_t, C.c_void_p, C.c_siz
 
 
 class Ggml:
-    def __init__(self, libdir):
+    """libggml-base of the runtime with its libggml-cpu, or with a CPU variant's (cpu_lib)."""
+
+    def __init__(self, libdir: Path, cpu_lib: Path | None = None, variant: str = "native"):
+        self.variant = variant
         self.base = C.CDLL(str(libdir / "libggml-base.so"), mode=C.RTLD_GLOBAL)
+        # the runtime's libggml-cpu first in every case: a later load by soname (libllama)
+        # must find it, not a variant
         self.cpu = C.CDLL(str(libdir / "libggml-cpu.so"), mode=C.RTLD_GLOBAL)
+        self.cpu_path = libdir / "libggml-cpu.so"
+        if cpu_lib is not None:
+            # local, and DEEPBIND: the variant's references to its own functions (the type
+            # traits table) bind to its own definitions, not to the runtime's global ones
+            self.cpu = C.CDLL(str(cpu_lib), mode=os.RTLD_LOCAL | os.RTLD_DEEPBIND)
+            self.cpu_path = cpu_lib
         self.base.ggml_get_type_traits.restype = C.POINTER(TypeTraits)
         self.base.ggml_get_type_traits.argtypes = [C.c_int]
         self.base.ggml_validate_row_data.restype = C.c_bool
@@ -131,13 +154,11 @@ class Ggml:
         return bool(self.base.ggml_validate_row_data(type_id, raw.ctypes.data, raw.nbytes))
 
 
-@pytest.fixture(scope="module")
-def ggml() -> Ggml:
-    try:
-        libdir = runtime.lib_dir()
-    except runtime.RuntimeMissing as e:
-        pytest.skip(str(e))
-    return Ggml(libdir)
+@pytest.fixture(scope="module", params=["native", *runtime.CPU_VARIANTS])
+def ggml(request, runtime_lib, cpu_variant_lib_dir) -> Ggml:
+    if request.param == "native":
+        return Ggml(runtime_lib)
+    return Ggml(runtime_lib, cpu_variant_lib_dir(request.param) / "libggml-cpu.so", request.param)
 
 
 # ---- data --------------------------------------------------------------------------
@@ -332,8 +353,7 @@ def test_sgemm(ggml, type_id, shape):
         for ith in range(nth):
             done = fn(None, ith, nth, m, n, cols // 64, raw.ctypes.data, raw.strides[0] // t.type_size,
                       q8.ctypes.data, q8.strides[0] // Q8_0_BYTES, out.ctypes.data, ldc, type_id)
-            if not done:
-                pytest.skip("this build has no HIQ2 GEMM kernel (ggml's vec_dot loop is used)")
+            assert done, "the HIQ2 GEMM declined an HIQ2 x Q8_0 product"
         assert np.isnan(out[:, m:]).all(), "wrote outside C"
         _check_products(out[:, :m].T.astype(np.float64), wd, yd, f"sgemm nth={nth}")
 
@@ -453,3 +473,82 @@ def test_graph_mul_mat_and_get_rows(ggml, type_id):
     terms_abs = np.abs(xd) @ np.abs(wd.astype(np.float64)).T
     ref = xd @ wd.astype(np.float64).T
     assert (np.abs(y - ref) <= VEC_DOT_RTOL * terms_abs + 1e-30).all()
+
+
+# ---- which code runs: each library's own kernels, of its own instruction set ----------
+class DlInfo(C.Structure):           # Dl_info (dlfcn.h)
+    _fields_ = [("dli_fname", C.c_char_p), ("dli_fbase", C.c_void_p),
+                ("dli_sname", C.c_char_p), ("dli_saddr", C.c_void_p)]
+
+
+def _library_of(address: int) -> Path:
+    libc = C.CDLL(None)
+    libc.dladdr.restype = C.c_int
+    libc.dladdr.argtypes = [C.c_void_p, C.POINTER(DlInfo)]
+    info = DlInfo()
+    assert libc.dladdr(address, C.byref(info)), f"no library holds address {address:#x}"
+    return Path(info.dli_fname.decode()).resolve()
+
+
+def test_kernels_are_the_librarys_own(ggml):
+    """The CPU traits (what ggml's mul_mat calls) and the GEMM hook of the library under test
+    point into that library: a CPU variant loaded beside the runtime's libggml-cpu (same
+    symbol names) runs its own code, not the runtime's."""
+    lib = ggml.cpu_path.resolve()
+    for type_id in TYPES:
+        cpu = ggml.traits_cpu(type_id)
+        assert _library_of(cpu.vec_dot) == lib, type_id
+        assert _library_of(cpu.from_float) == lib, type_id
+    sgemm = C.cast(ggml.cpu.ggml_hiq2_sgemm, C.c_void_p).value
+    assert _library_of(sgemm) == lib
+
+
+VECTOR_BITS = {"xmm": 128, "ymm": 256, "zmm": 512}
+# what -march=native must enable for the AVX-512 kernels (HIQ2_AVX512 in hiq2.h)
+AVX512_KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bitalg", "avx512_vnni",
+                       "bmi2", "f16c"}
+
+
+def _vector_registers(lib: Path) -> dict[str, set[str]]:
+    """function name -> vector register classes (xmm/ymm/zmm) its machine code uses."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True,
+                         text=True, check=True).stdout
+    funcs: dict[str, set[str]] = {}
+    regs: set[str] | None = None
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ <([^>]+)>:$", line)
+        if m:
+            regs = funcs.setdefault(m.group(1), set())
+        elif regs is not None:
+            regs.update(re.findall(r"%([xyz]mm)\d", line))
+    return funcs
+
+
+def _expected_vector_bits(variant: str) -> int | None:
+    if variant in runtime.CPU_VARIANTS:
+        return runtime.CPU_VARIANTS[variant].vector_width
+    # native: known only where the host has everything the AVX-512 kernels need
+    return 512 if AVX512_KERNEL_FLAGS <= runtime.host_cpu_flags() else None
+
+
+def test_kernels_use_their_instruction_set(ggml):
+    """Every member's vec_dot and the GEMM use vector registers exactly as wide as the
+    build's instruction set: zmm in the AVX-512 build, ymm (no zmm) in the AVX2 variant,
+    nothing wider than xmm (SSE2 baseline) in the portable build."""
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) not installed")
+    expected = _expected_vector_bits(ggml.variant)
+    if expected is None:
+        pytest.skip("native build on a CPU without the AVX-512 kernels' features: width not known")
+    funcs = _vector_registers(ggml.cpu_path)
+    widest = {name: max((VECTOR_BITS[r] for r in regs), default=0) for name, regs in funcs.items()}
+    for h in range(9):
+        name = f"ggml_vec_dot_hiq2_h{h}_q8_0"
+        assert widest.get(name) == expected, f"{name}: {sorted(funcs.get(name, ()))}, expected {expected} bits"
+    # the GEMM: ggml_hiq2_sgemm with its per-member kernels (static, inlined or not)
+    gemm = [name for name in funcs if name == "ggml_hiq2_sgemm" or name.startswith("hiq2_gemm_h")]
+    assert max(widest[name] for name in gemm) == expected, {name: sorted(funcs[name]) for name in gemm}
+    if ggml.variant in runtime.CPU_VARIANTS:
+        # nothing in the whole variant library is wider than its instruction set
+        over = sorted(name for name, bits in widest.items() if bits > expected)
+        assert not over, f"{len(over)} functions use wider registers, e.g. {over[:5]}"

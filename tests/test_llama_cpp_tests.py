@@ -18,12 +18,18 @@ against numpy), not here. The other ops (GET_ROWS, CPY, SET_ROWS, MUL_MAT_ID,
 OUT_PROD, ...) run the same code on both sides; for them the run checks that
 they execute, give no NaN/inf and write nothing outside their output (the
 sentinel tensors around every operand).
+
+Both run against every build of libggml-cpu: the runtime's own (-march=native) and
+its CPU variants (runtime.CPU_VARIANTS: AVX2, portable C), which the same programs
+load through LD_LIBRARY_PATH.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -33,13 +39,29 @@ N_HIGH = range(9)
 TYPE_NAMES = [f"hiq2_h{h}" for h in N_HIGH]
 
 
-def _run(args: list, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+def _run(args: list, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module", params=["native", *runtime.CPU_VARIANTS])
+def cpu_env(request, runtime_lib, cpu_variant_lib_dir) -> dict | None:
+    """Environment under which the runtime's test programs run the libggml-cpu under test:
+    None for the runtime's own; for a CPU variant its lib dir in LD_LIBRARY_PATH, which
+    the dynamic loader searches before the programs' RUNPATH (checked with ldd)."""
+    if request.param == "native":
+        return None
+    libd = cpu_variant_lib_dir(request.param)
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
+        p for p in (str(libd), os.environ.get("LD_LIBRARY_PATH", "")) if p))
+    ldd = _run(["ldd", runtime.tool("test-backend-ops")], env=env).stdout
+    m = re.search(r"libggml-cpu\.so\S* => (\S+)", ldd)
+    assert m and Path(m.group(1)).resolve().parent == libd.resolve(), ldd
+    return env
 
 
 @pytest.fixture(scope="module")
-def quantize_fns_output(runtime_lib) -> str:
-    r = _run([runtime.tool("test-quantize-fns"), "-v"])
+def quantize_fns_output(cpu_env) -> str:
+    r = _run([runtime.tool("test-quantize-fns"), "-v"], env=cpu_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -69,10 +91,10 @@ EXPECTED_OPS = ("MUL_MAT", "MUL_MAT_ID", "GET_ROWS", "CPY", "SET_ROWS", "OUT_PRO
 
 
 @pytest.mark.parametrize("h", N_HIGH)
-def test_backend_ops_cpu(runtime_lib, h):
+def test_backend_ops_cpu(cpu_env, h):
     name = f"hiq2_h{h}"
     # the name ends at a comma or parenthesis in every case's parameter list
-    r = _run([runtime.tool("test-backend-ops"), "test", "-b", "CPU", "-p", rf"{name}[,)]"])
+    r = _run([runtime.tool("test-backend-ops"), "test", "-b", "CPU", "-p", rf"{name}[,)]"], env=cpu_env)
     out = r.stdout
     assert r.returncode == 0, out[-4000:] + r.stderr[-2000:]
     results = re.findall(r"^\s+([A-Z_]+)\((.*)\): (.*)$", out, re.M)

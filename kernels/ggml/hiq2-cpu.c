@@ -9,10 +9,12 @@
 //   * AVX-512 (BW, VL, VBMI, BITALG, VNNI; HIQ2_AVX512): a register-tiled kernel
 //     (hiq2_mm_avx512) serving vec_dot (1x1 and ggml's 2x2 nrc == 2 tiles) and the
 //     GEMM behind ggml-cpu's llamafile_sgemm hook (3 rows x 4 columns);
-//   * AVX2: one row x one column, 8 float lanes;
-//   * portable scalar code.
-// The vector paths sum in another order than the scalar one; all are within
-// float32 rounding of the exact sum. Compiled with -ffp-contract=off like hiq2.c
+//   * AVX2 (hiq2_mm_avx2): the same register tiling, a block is two ymm;
+//   * portable code (hiq2_mm_portable; any other build: SSE-only x86, ARM, ...), its
+//     integer sums with NEON on AArch64.
+// Every build serves vec_dot and the GEMM of the llamafile_sgemm hook with its own
+// kernel. The implementations sum in different orders; all are within float32
+// rounding of the exact sum. Compiled with -ffp-contract=off like hiq2.c
 // (the vector paths use explicit FMA intrinsics where they want them).
 
 #include "hiq2.h"
@@ -24,6 +26,9 @@
 
 #if defined(__AVX2__) || defined(__F16C__) || defined(__BMI2__) || HIQ2_AVX512
 #include <immintrin.h>
+#endif
+#if defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #define HIQ2_QK8_0 32
@@ -270,7 +275,231 @@ static HIQ2_ALWAYS_INLINE void hiq2_pack_act(const int NC, const int nb, const u
         }
     }
 }
+#else
+// The kernel of the other builds, HIQ2_MM(H, NR, NC, n, s, bs, x, bx, y, by):
+// s[c * bs + r] = (row r of x, stride bx bytes) . (column c of y, stride by bytes, n/32
+// Q8_0 blocks) for r < NR, c < NC; NR, NC constants in 1..HIQ2_MM_MAX at every call
+// site (the accumulators stay in registers), n % 64 == 0. Its GEMM tile is
+// HIQ2_GEMM_TR x HIQ2_GEMM_TC.
+#define HIQ2_MM_MAX 4
+#if defined(__AVX2__)
+// AVX2 kernel: a block is decoded once per tile row into L_i (u8, 0..15) as two ymm
+// (weights 0..31: Q8_0 block 2ib, 32..63: block 2ib+1). Per Q8_0 block b, 8 int32
+// lanes hold partial sums of S_b = 16 sum L q - z sum q (exact: pair sums of L q and
+// of q fit in int16), scaled by d * dy_b and accumulated in float.
+
+// L_i of one block, weights 0..31 in L[0], 32..63 in L[1]
+static HIQ2_ALWAYS_INLINE void hiq2_decode_avx2(const int H, const uint8_t * blk, __m256i L[2]) {
+    // byte i of a 32-weight half belongs to group i/8 of that half
+    const __m256i gbit0 = _mm256_setr_epi8(1,1,1,1,1,1,1,1, 2,2,2,2,2,2,2,2, 4,4,4,4,4,4,4,4, 8,8,8,8,8,8,8,8);
+    const __m256i gbit1 = _mm256_setr_epi8(16,16,16,16,16,16,16,16, 32,32,32,32,32,32,32,32,
+                                           64,64,64,64,64,64,64,64, -128,-128,-128,-128,-128,-128,-128,-128);
+    const __m256i m3 = _mm256_set1_epi8(3);
+    // low 2 bits: weights 16s..16s+15 are bits 2s..2s+1 of ql[0..15]
+    const __m128i ql  = _mm_loadu_si128((const __m128i *)(blk + HIQ2_HEADER_BYTES));
+    const __m256i qlx = _mm256_set_m128i(ql, ql);
+    const __m256i lo0 = _mm256_and_si256(_mm256_blend_epi32(qlx, _mm256_srli_epi16(qlx, 2), 0xF0), m3);
+    const __m256i lo1 = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(qlx, 4), _mm256_srli_epi16(qlx, 6), 0xF0), m3);
+    uint64_t up[HIQ2_NGROUPS];
+    const unsigned em = hiq2_upper_bytes(H, blk, up);
+    const __m256i up0 = _mm256_set_epi64x((long long) up[3], (long long) up[2], (long long) up[1], (long long) up[0]);
+    const __m256i up1 = _mm256_set_epi64x((long long) up[7], (long long) up[6], (long long) up[5], (long long) up[4]);
+    const __m256i c0  = _mm256_or_si256(lo0, up0);
+    const __m256i c1  = _mm256_or_si256(lo1, up1);
+    // L = c for high groups, 5c for low groups (c <= 3: no carry across bytes)
+    const __m256i vm  = _mm256_set1_epi8((char) em);
+    const __m256i h0  = _mm256_cmpeq_epi8(_mm256_and_si256(vm, gbit0), gbit0);
+    const __m256i h1  = _mm256_cmpeq_epi8(_mm256_and_si256(vm, gbit1), gbit1);
+    L[0] = _mm256_blendv_epi8(_mm256_add_epi8(c0, _mm256_slli_epi16(c0, 2)), c0, h0);
+    L[1] = _mm256_blendv_epi8(_mm256_add_epi8(c1, _mm256_slli_epi16(c1, 2)), c1, h1);
+}
+
+static HIQ2_ALWAYS_INLINE float hiq2_hsum_avx2(const __m256 acc) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+static HIQ2_ALWAYS_INLINE void hiq2_mm_avx2(const int H, const int NR, const int NC, const int n,
+                                            float * GGML_RESTRICT s, const size_t bs,
+                                            const uint8_t * GGML_RESTRICT x, const size_t bx,
+                                            const uint8_t * GGML_RESTRICT y, const size_t by) {
+    const int nb = n / QK_HIQ2;
+    const size_t ts = HIQ2_TYPE_SIZE(H);
+    const __m256i ones8 = _mm256_set1_epi8(1);
+    const __m256i s16   = _mm256_set1_epi16(16);
+    __m256 acc[HIQ2_MM_MAX][HIQ2_MM_MAX];
+    for (int r = 0; r < NR; ++r) {
+        for (int c = 0; c < NC; ++c) {
+            acc[r][c] = _mm256_setzero_ps();
+        }
+    }
+    for (int ib = 0; ib < nb; ++ib) {
+        __m256i L[HIQ2_MM_MAX][2];
+        __m256i vz[HIQ2_MM_MAX];
+        float   d[HIQ2_MM_MAX];
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t * blk = x + r * bx + ib * ts;
+            hiq2_decode_avx2(H, blk, L[r]);
+            vz[r] = _mm256_set1_epi16((short) blk[2]);
+            d[r]  = hiq2_h2f(ggml_hiq2_read_u16(blk));
+        }
+        for (int c = 0; c < NC; ++c) {
+            const hiq2_block_q8_0 * yc = (const hiq2_block_q8_0 *)(y + c * by) + 2 * ib;
+            const __m256i q0  = _mm256_loadu_si256((const __m256i *) yc[0].qs);
+            const __m256i q1  = _mm256_loadu_si256((const __m256i *) yc[1].qs);
+            const __m256i sq0 = _mm256_maddubs_epi16(ones8, q0);       // pair sums of q, shared by the rows
+            const __m256i sq1 = _mm256_maddubs_epi16(ones8, q1);
+            const float dy0 = hiq2_h2f(yc[0].d);
+            const float dy1 = hiq2_h2f(yc[1].d);
+            for (int r = 0; r < NR; ++r) {
+                // lanes of S_b = 16 * sum L q - z * sum q (exact int32)
+                const __m256i S0 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(L[r][0], q0), s16),
+                                                    _mm256_madd_epi16(sq0, vz[r]));
+                const __m256i S1 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(L[r][1], q1), s16),
+                                                    _mm256_madd_epi16(sq1, vz[r]));
+                const __m256 f0 = _mm256_mul_ps(_mm256_set1_ps(d[r] * dy0), _mm256_cvtepi32_ps(S0));
+                const __m256 f1 = _mm256_mul_ps(_mm256_set1_ps(d[r] * dy1), _mm256_cvtepi32_ps(S1));
+                acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_add_ps(f0, f1));
+            }
+        }
+    }
+    for (int c = 0; c < NC; ++c) {
+        for (int r = 0; r < NR; ++r) {
+            s[c * bs + r] = hiq2_hsum_avx2(acc[r][c]) / 16.0f;
+        }
+    }
+}
+#define HIQ2_MM      hiq2_mm_avx2
+#define HIQ2_GEMM_TR 2      // 2 x 4 accumulators + 2 decoded blocks + operands ~ the 16 ymm registers
+#define HIQ2_GEMM_TC 4
+
+#else
+// Portable kernel (any other build: SSE-only x86, NEON, ...): a block is decoded once
+// per tile row; for each of its two Q8_0 blocks b the integer sums A_b = sum L q and
+// Q_b = sum q are exact, then t = d * (dy_0 S_0 + dy_1 S_1), S_b = 16 A_b - z Q_b,
+// is added to a float accumulator, one rounding per step. On AArch64 NEON computes
+// the integer sums (the float steps are the same, so it gives the portable code's bits).
+#if defined(__ARM_NEON) && defined(__aarch64__)
+typedef struct { int8x16_t v[4]; } hiq2_block_L;          // L_i of weights 16k..16k+15 in v[k]
+
+static HIQ2_ALWAYS_INLINE void hiq2_decode_L(const int H, const uint8_t * blk, hiq2_block_L * L) {
+    uint64_t up[HIQ2_NGROUPS];
+    const unsigned em = hiq2_upper_bytes(H, blk, up);
+    const uint8x16_t ql = vld1q_u8(blk + HIQ2_HEADER_BYTES);
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    const uint8x16_t vm = vdupq_n_u8((uint8_t) em);
+    // low 2 bits of weights 16k..16k+15: bits 2k..2k+1 of ql[0..15]
+    const uint8x16_t lo[4] = { vandq_u8(ql, m3), vandq_u8(vshrq_n_u8(ql, 2), m3),
+                               vandq_u8(vshrq_n_u8(ql, 4), m3), vshrq_n_u8(ql, 6) };
+    for (int k = 0; k < 4; ++k) {
+        const uint8x16_t c = vorrq_u8(lo[k], vcombine_u8(vcreate_u8(up[2 * k]), vcreate_u8(up[2 * k + 1])));
+        // bytes 0..7 are group 2k, bytes 8..15 group 2k+1: L = c (high) or 5c (low)
+        const uint8x16_t gbit = vcombine_u8(vdup_n_u8((uint8_t)(1u << (2 * k))), vdup_n_u8((uint8_t)(1u << (2 * k + 1))));
+        const uint8x16_t high = vtstq_u8(vm, gbit);
+        L->v[k] = vreinterpretq_s8_u8(vbslq_u8(high, c, vmulq_u8(c, vdupq_n_u8(5))));
+    }
+}
+
+// sum of L_i q_i over the 32 weights of Q8_0 block b (0, 1) of the HIQ2 block
+static HIQ2_ALWAYS_INLINE int32_t hiq2_sum_Lq(const hiq2_block_L * L, const int b, const int8_t * q) {
+    const int8x16_t q0 = vld1q_s8(q);
+    const int8x16_t q1 = vld1q_s8(q + 16);
+    const int8x16_t La = L->v[2 * b];
+    const int8x16_t Lb = L->v[2 * b + 1];
+    int16x8_t p = vmull_s8(vget_low_s8(La), vget_low_s8(q0));
+    p = vmlal_high_s8(p, La, q0);
+    p = vmlal_s8(p, vget_low_s8(Lb), vget_low_s8(q1));
+    p = vmlal_high_s8(p, Lb, q1);                          // |lane| <= 4 * 15 * 128
+    return vaddlvq_s16(p);
+}
+
+static HIQ2_ALWAYS_INLINE int32_t hiq2_sum_q(const int8_t * q) {
+    return (int32_t) vaddlvq_s8(vld1q_s8(q)) + (int32_t) vaddlvq_s8(vld1q_s8(q + 16));
+}
+#else
+typedef struct { uint8_t v[QK_HIQ2]; } hiq2_block_L;      // L_i, one byte per weight
+
+static HIQ2_ALWAYS_INLINE void hiq2_decode_L(const int H, const uint8_t * blk, hiq2_block_L * L) {
+    uint64_t up[HIQ2_NGROUPS];
+    const unsigned em = hiq2_upper_bytes(H, blk, up);
+    const uint8_t * ql = blk + HIQ2_HEADER_BYTES;
+    for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+        const int mul = ((em >> g) & 1u) ? 1 : 5;          // L = c (high group) or 5c (low group)
+        for (int j = 0; j < HIQ2_GROUP; ++j) {
+            const int i = g * HIQ2_GROUP + j;
+            const int c = ((ql[i % HIQ2_QL_BYTES] >> (2 * (i / HIQ2_QL_BYTES))) & 3) | (int)((up[g] >> (8 * j)) & 0xFFu);
+            L->v[i] = (uint8_t)(mul * c);
+        }
+    }
+}
+
+static HIQ2_ALWAYS_INLINE int32_t hiq2_sum_Lq(const hiq2_block_L * L, const int b, const int8_t * q) {
+    int32_t a = 0;
+    for (int j = 0; j < HIQ2_QK8_0; ++j) {
+        a += L->v[b * HIQ2_QK8_0 + j] * q[j];
+    }
+    return a;
+}
+
+static HIQ2_ALWAYS_INLINE int32_t hiq2_sum_q(const int8_t * q) {
+    int32_t a = 0;
+    for (int j = 0; j < HIQ2_QK8_0; ++j) {
+        a += q[j];
+    }
+    return a;
+}
 #endif
+
+static HIQ2_ALWAYS_INLINE void hiq2_mm_portable(const int H, const int NR, const int NC, const int n,
+                                                float * GGML_RESTRICT s, const size_t bs,
+                                                const uint8_t * GGML_RESTRICT x, const size_t bx,
+                                                const uint8_t * GGML_RESTRICT y, const size_t by) {
+    const int nb = n / QK_HIQ2;
+    const size_t ts = HIQ2_TYPE_SIZE(H);
+    float acc[HIQ2_MM_MAX][HIQ2_MM_MAX];
+    for (int r = 0; r < NR; ++r) {
+        for (int c = 0; c < NC; ++c) {
+            acc[r][c] = 0.0f;
+        }
+    }
+    for (int ib = 0; ib < nb; ++ib) {
+        int32_t sq[HIQ2_MM_MAX][2];                         // Q_b of each column, shared by the rows
+        for (int c = 0; c < NC; ++c) {
+            const hiq2_block_q8_0 * yc = (const hiq2_block_q8_0 *)(y + c * by) + 2 * ib;
+            sq[c][0] = hiq2_sum_q(yc[0].qs);
+            sq[c][1] = hiq2_sum_q(yc[1].qs);
+        }
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t * blk = x + r * bx + ib * ts;
+            hiq2_block_L L;
+            hiq2_decode_L(H, blk, &L);
+            const int32_t z = blk[2];
+            const float   d = hiq2_h2f(ggml_hiq2_read_u16(blk));
+            for (int c = 0; c < NC; ++c) {
+                const hiq2_block_q8_0 * yc = (const hiq2_block_q8_0 *)(y + c * by) + 2 * ib;
+                const int32_t s0 = 16 * hiq2_sum_Lq(&L, 0, yc[0].qs) - z * sq[c][0];
+                const int32_t s1 = 16 * hiq2_sum_Lq(&L, 1, yc[1].qs) - z * sq[c][1];
+                const float p0 = hiq2_h2f(yc[0].d) * (float) s0;
+                const float p1 = hiq2_h2f(yc[1].d) * (float) s1;
+                const float pb = p0 + p1;
+                const float t  = d * pb;
+                acc[r][c] = acc[r][c] + t;
+            }
+        }
+    }
+    for (int c = 0; c < NC; ++c) {
+        for (int r = 0; r < NR; ++r) {
+            s[c * bs + r] = acc[r][c] / 16.0f;
+        }
+    }
+}
+#define HIQ2_MM      hiq2_mm_portable
+#define HIQ2_GEMM_TR 2
+#define HIQ2_GEMM_TC 4
+#endif
+#endif // HIQ2_AVX512
 
 static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_impl(const int H, const int n, float * GGML_RESTRICT s,
                                                  const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
@@ -278,100 +507,8 @@ static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_impl(const int H, const int n, float
 #if HIQ2_AVX512
     hiq2_mm_avx512(H, 1, 1, n / QK_HIQ2, s, 0, (const uint8_t *) vx, 0, NULL, (const uint8_t *) vy, 0);
 #else
-    const int nb = n / QK_HIQ2;
-    const size_t ts = HIQ2_TYPE_SIZE(H);
-    const uint8_t * x = (const uint8_t *) vx;
-    const hiq2_block_q8_0 * y = (const hiq2_block_q8_0 *) vy;
-
-    float sumf = 0.0f;
-#if defined(__AVX2__)
-    // byte i of a 32-weight half belongs to group i/8 of that half
-    const __m256i gbit0 = _mm256_setr_epi8(1,1,1,1,1,1,1,1, 2,2,2,2,2,2,2,2, 4,4,4,4,4,4,4,4, 8,8,8,8,8,8,8,8);
-    const __m256i gbit1 = _mm256_setr_epi8(16,16,16,16,16,16,16,16, 32,32,32,32,32,32,32,32,
-                                           64,64,64,64,64,64,64,64, -128,-128,-128,-128,-128,-128,-128,-128);
-    const __m256i m3    = _mm256_set1_epi8(3);
-    const __m256i ones8 = _mm256_set1_epi8(1);
-    const __m256i s16   = _mm256_set1_epi16(16);
-    __m256 acc = _mm256_setzero_ps();
+    HIQ2_MM(H, 1, 1, n, s, 0, (const uint8_t *) vx, 0, (const uint8_t *) vy, 0);
 #endif
-    for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t * blk = x + ib * ts;
-        const hiq2_block_q8_0 * y0 = y + 2 * ib;
-        const hiq2_block_q8_0 * y1 = y0 + 1;
-#if defined(__AVX2__)
-        // low 2 bits: weights 16s..16s+15 are bits 2s..2s+1 of ql[0..15]
-        const __m128i ql  = _mm_loadu_si128((const __m128i *)(blk + HIQ2_HEADER_BYTES));
-        const __m256i qlx = _mm256_set_m128i(ql, ql);
-        const __m256i lo0 = _mm256_and_si256(_mm256_blend_epi32(qlx, _mm256_srli_epi16(qlx, 2), 0xF0), m3);
-        const __m256i lo1 = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(qlx, 4), _mm256_srli_epi16(qlx, 6), 0xF0), m3);
-        uint64_t up[HIQ2_NGROUPS];
-        const unsigned em = hiq2_upper_bytes(H, blk, up);
-        const __m256i up0 = _mm256_set_epi64x((long long) up[3], (long long) up[2], (long long) up[1], (long long) up[0]);
-        const __m256i up1 = _mm256_set_epi64x((long long) up[7], (long long) up[6], (long long) up[5], (long long) up[4]);
-        const __m256i c0  = _mm256_or_si256(lo0, up0);
-        const __m256i c1  = _mm256_or_si256(lo1, up1);
-        // L = c for high groups, 5c for low groups
-        const __m256i vm  = _mm256_set1_epi8((char) em);
-        const __m256i h0  = _mm256_cmpeq_epi8(_mm256_and_si256(vm, gbit0), gbit0);
-        const __m256i h1  = _mm256_cmpeq_epi8(_mm256_and_si256(vm, gbit1), gbit1);
-        const __m256i L0  = _mm256_blendv_epi8(_mm256_add_epi8(c0, _mm256_slli_epi16(c0, 2)), c0, h0);
-        const __m256i L1  = _mm256_blendv_epi8(_mm256_add_epi8(c1, _mm256_slli_epi16(c1, 2)), c1, h1);
-
-        const __m256i q0 = _mm256_loadu_si256((const __m256i *) y0->qs);
-        const __m256i q1 = _mm256_loadu_si256((const __m256i *) y1->qs);
-        // L in 0..15 (u8) times q (s8): pair sums fit in int16; then 8 int32 lanes per half
-        // lanes of S_b = 16 * sum L q - z * sum q (exact int32)
-        const __m256i vz  = _mm256_set1_epi16((short) blk[2]);
-        const __m256i S0  = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(L0, q0), s16),
-                                             _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q0), vz));
-        const __m256i S1  = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(L1, q1), s16),
-                                             _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q1), vz));
-        const float d  = hiq2_h2f(ggml_hiq2_read_u16(blk));
-        const __m256 f0 = _mm256_mul_ps(_mm256_set1_ps(d * hiq2_h2f(y0->d)), _mm256_cvtepi32_ps(S0));
-        const __m256 f1 = _mm256_mul_ps(_mm256_set1_ps(d * hiq2_h2f(y1->d)), _mm256_cvtepi32_ps(S1));
-        acc = _mm256_add_ps(acc, _mm256_add_ps(f0, f1));
-#else
-        uint64_t up[HIQ2_NGROUPS];
-        const unsigned em = hiq2_upper_bytes(H, blk, up);
-        const int z = blk[2];
-        const uint8_t * ql = blk + HIQ2_HEADER_BYTES;
-        const uint8_t * upb = (const uint8_t *) up;   // little-endian byte order
-        int32_t acc[2] = {0, 0};
-        int32_t sq[2]  = {0, 0};
-        for (int g = 0; g < HIQ2_NGROUPS; ++g) {
-            const int mul = ((em >> g) & 1u) ? 1 : 5;
-            const int8_t * q = (g < 4 ? y0 : y1)->qs + (g % 4) * HIQ2_GROUP;
-            int32_t a = 0;
-            int32_t b = 0;
-            for (int j = 0; j < HIQ2_GROUP; ++j) {
-                const int i = g * HIQ2_GROUP + j;
-                const int c = ((ql[i % HIQ2_QL_BYTES] >> (2 * (i / HIQ2_QL_BYTES))) & 3) | upb[i];
-                a += c * q[j];
-                b += q[j];
-            }
-            acc[g / 4] += mul * a;
-            sq[g / 4]  += b;
-        }
-        const int32_t s0 = 16 * acc[0] - z * sq[0];
-        const int32_t s1 = 16 * acc[1] - z * sq[1];
-        const float d  = hiq2_h2f(ggml_hiq2_read_u16(blk));
-        const float p0 = hiq2_h2f(y0->d) * (float) s0;
-        const float p1 = hiq2_h2f(y1->d) * (float) s1;
-        const float pb = p0 + p1;
-        const float t  = d * pb;
-        sumf = sumf + t;
-#endif
-    }
-#if defined(__AVX2__)
-    {
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        v = _mm_add_ss(v, _mm_movehdup_ps(v));
-        sumf = _mm_cvtss_f32(v);
-    }
-#endif
-    *s = sumf / 16.0f;
-#endif // HIQ2_AVX512
 }
 
 void ggml_vec_dot_hiq2_q8_0(int H, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy) {
@@ -392,11 +529,7 @@ static HIQ2_ALWAYS_INLINE void hiq2_vec_dot_tile(const int H, const int n, float
     }
 #else
     if (nrc == 2) {
-        for (int c = 0; c < 2; ++c) {
-            for (int r = 0; r < 2; ++r) {
-                hiq2_vec_dot_impl(H, n, s + c * bs + r, (const uint8_t *) vx + r * bx, (const uint8_t *) vy + c * by);
-            }
-        }
+        HIQ2_MM(H, 2, 2, n, s, bs, (const uint8_t *) vx, bx, (const uint8_t *) vy, by);
         return;
     }
 #endif
@@ -472,6 +605,42 @@ static HIQ2_ALWAYS_INLINE void hiq2_gemm_rows(const int H, const int64_t r0, con
         hiq2_gemm_cols(H, HIQ2_GEMV_TR, 1, r0, r1, nb, A, lda, packed ? act : NULL, b, ldb, C + j * ldc, 0);
     }
 }
+#else
+// the other builds: tiles of HIQ2_GEMM_TR rows x HIQ2_GEMM_TC columns of HIQ2_MM,
+// activations read in place
+#define HIQ2_GEMM_JOB_ROWS (16 * HIQ2_GEMM_TR)  // rows per dynamically scheduled job (whole tiles)
+// rows r0..r1-1 of C, all n columns
+static HIQ2_ALWAYS_INLINE void hiq2_gemm_rows(const int H, const int64_t r0, const int64_t r1,
+                                              const int64_t n, const int64_t k,
+                                              const uint8_t * GGML_RESTRICT A, const size_t lda,
+                                              const uint8_t * GGML_RESTRICT B, const size_t ldb,
+                                              float * GGML_RESTRICT C, const size_t ldc) {
+    const int kn = (int) k * QK_HIQ2;
+    int64_t j = 0;
+    for (; j + HIQ2_GEMM_TC <= n; j += HIQ2_GEMM_TC) {
+        const uint8_t * b = B + j * ldb;
+        float * c = C + j * ldc;
+        int64_t i = r0;
+        for (; i + HIQ2_GEMM_TR <= r1; i += HIQ2_GEMM_TR) {
+            HIQ2_MM(H, HIQ2_GEMM_TR, HIQ2_GEMM_TC, kn, c + i, ldc, A + i * lda, lda, b, ldb);
+        }
+        for (; i < r1; ++i) {
+            HIQ2_MM(H, 1, HIQ2_GEMM_TC, kn, c + i, ldc, A + i * lda, lda, b, ldb);
+        }
+    }
+    for (; j < n; ++j) {
+        const uint8_t * b = B + j * ldb;
+        float * c = C + j * ldc;
+        int64_t i = r0;
+        for (; i + HIQ2_GEMM_TR <= r1; i += HIQ2_GEMM_TR) {
+            HIQ2_MM(H, HIQ2_GEMM_TR, 1, kn, c + i, 0, A + i * lda, lda, b, 0);
+        }
+        for (; i < r1; ++i) {
+            HIQ2_MM(H, 1, 1, kn, c + i, 0, A + i * lda, lda, b, 0);
+        }
+    }
+}
+#endif
 
 static HIQ2_ALWAYS_INLINE void hiq2_gemm_impl(const int H, struct ggml_threadpool * tp, const int ith, const int nth,
                                               const int64_t m, const int64_t n, const int64_t k,
@@ -509,11 +678,9 @@ static HIQ2_ALWAYS_INLINE void hiq2_gemm_impl(const int H, struct ggml_threadpoo
     }
 HIQ2_FOREACH(HIQ2_DEFINE_GEMM)
 #undef HIQ2_DEFINE_GEMM
-#endif
 
 bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, int64_t n, int64_t k, const void * A, int64_t lda,
                      const void * B, int64_t ldb, float * C, int64_t ldc, int Atype) {
-#if HIQ2_AVX512
     const size_t ts = HIQ2_TYPE_SIZE(ggml_hiq2_n_high((enum ggml_type) Atype));
     const size_t ya = (size_t) lda * ts;                        // bytes per row of A
     const size_t yb = (size_t) ldb * sizeof(hiq2_block_q8_0);   // bytes per row of B
@@ -524,9 +691,4 @@ bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, i
 #undef HIQ2_GEMM_CASE
         default: return false;
     }
-#else
-    (void) tp; (void) ith; (void) nth; (void) m; (void) n; (void) k; (void) A; (void) lda;
-    (void) B; (void) ldb; (void) C; (void) ldc; (void) Atype;
-    return false;   // ggml's mul_mat loop with vec_dot
-#endif
 }

@@ -1,0 +1,102 @@
+// Drives the HIQ2 CPU kernels (kernels/ggml/hiq2.c + hiq2-cpu.c, compiled into this
+// program for a target the tests cannot load with ctypes: AArch64 under qemu-user).
+// tests/test_c_kernels_cross.py compiles it against the patched llama.cpp headers,
+// feeds it random blocks and Q8_0 activations and compares what it prints with the
+// numpy reference.
+//
+// stdin:  int32 H, K, rows, cols, then rows x K/64 HIQ2_H<H> blocks (W, row-major),
+//         then cols x K/32 Q8_0 blocks (Y, one row per activation column)
+// stdout: float32, in this order:
+//         dequantize(W)                       rows x K
+//         vec_dot, one call per (r, c)        cols x rows (column c of Y: c * rows + r)
+//         vec_dot nrc == 2 tiles              the same layout, 2 x 2 per call (NaN in an odd last row/column)
+//         ggml_hiq2_sgemm, nth = 1, 2, 3      cols x rows each, every thread's static share
+
+#include "hiq2.h"
+#include "ggml-cpu-impl.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+// The GEMM synchronises only when given a threadpool; this program passes none.
+void ggml_barrier(struct ggml_threadpool * tp) { (void) tp; abort(); }
+void ggml_threadpool_chunk_set(struct ggml_threadpool * tp, int value) { (void) tp; (void) value; abort(); }
+int  ggml_threadpool_chunk_add(struct ggml_threadpool * tp, int value) { (void) tp; (void) value; abort(); }
+
+typedef void (*vec_dot_fn)(int, float *, size_t, const void *, size_t, const void *, size_t, int);
+#define HIQ2_VEC_DOT_ROW(H) ggml_vec_dot_hiq2_h##H##_q8_0,
+static const vec_dot_fn vec_dot[HIQ2_NTYPES] = { HIQ2_FOREACH(HIQ2_VEC_DOT_ROW) };
+
+#define Q8_0_BYTES 34
+
+static void read_all(void * p, size_t n) {
+    if (fread(p, 1, n, stdin) != n) {
+        fprintf(stderr, "hiq2_cpu_check: short input\n");
+        exit(2);
+    }
+}
+
+static void fill_nan(float * p, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        p[i] = NAN;
+    }
+}
+
+static void write_all(const float * p, size_t n) {
+    if (fwrite(p, sizeof(float), n, stdout) != n) {
+        exit(3);
+    }
+}
+
+int main(void) {
+    int32_t hdr[4];
+    read_all(hdr, sizeof(hdr));
+    const int H = hdr[0], K = hdr[1], rows = hdr[2], cols = hdr[3];
+    if (H < 0 || H > HIQ2_NGROUPS || K <= 0 || K % QK_HIQ2 || rows <= 0 || cols <= 0) {
+        fprintf(stderr, "hiq2_cpu_check: bad header %d %d %d %d\n", H, K, rows, cols);
+        return 2;
+    }
+    const size_t wrow = (size_t)(K / QK_HIQ2) * HIQ2_TYPE_SIZE(H);
+    const size_t yrow = (size_t)(K / 32) * Q8_0_BYTES;
+    const size_t nout = (size_t) rows * cols;
+    uint8_t * W = malloc(wrow * rows);
+    uint8_t * Y = malloc(yrow * cols);
+    float * out = malloc(sizeof(float) * ((size_t) rows * K > nout ? (size_t) rows * K : nout));
+    read_all(W, wrow * rows);
+    read_all(Y, yrow * cols);
+
+    ggml_hiq2_dequantize_row(H, W, out, (int64_t) rows * K);
+    write_all(out, (size_t) rows * K);
+
+    for (int c = 0; c < cols; ++c) {
+        for (int r = 0; r < rows; ++r) {
+            vec_dot[H](K, out + (size_t) c * rows + r, 0, W + r * wrow, 0, Y + c * yrow, 0, 1);
+        }
+    }
+    write_all(out, nout);
+
+    fill_nan(out, nout);
+    for (int c = 0; c + 1 < cols; c += 2) {
+        for (int r = 0; r + 1 < rows; r += 2) {
+            vec_dot[H](K, out + (size_t) c * rows + r, (size_t) rows, W + r * wrow, wrow, Y + c * yrow, yrow, 2);
+        }
+    }
+    write_all(out, nout);
+
+    for (int nth = 1; nth <= 3; ++nth) {
+        fill_nan(out, nout);
+        for (int ith = 0; ith < nth; ++ith) {
+            if (!ggml_hiq2_sgemm(NULL, ith, nth, rows, cols, K / QK_HIQ2, W, (int64_t)(wrow / HIQ2_TYPE_SIZE(H)),
+                                 Y, (int64_t)(yrow / Q8_0_BYTES), out, rows, HIQ2_FIRST_TYPE + H)) {
+                fprintf(stderr, "hiq2_cpu_check: ggml_hiq2_sgemm declined\n");
+                return 4;
+            }
+        }
+        write_all(out, nout);
+    }
+    free(W);
+    free(Y);
+    free(out);
+    return 0;
+}
