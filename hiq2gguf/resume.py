@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from hiq2gguf.formats import Codes, HIQ2Type, get_type
+from hiq2gguf.gguf_io import atomic_output
 
 STATE_FILE = "state.pt"
 
@@ -43,14 +44,8 @@ def partial_dir(out: str | os.PathLike) -> Path:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_output(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_torch(path: Path, obj) -> None:
