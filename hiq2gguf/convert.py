@@ -109,6 +109,14 @@ class Conversion:
             for n, p in self.model.named_parameters():
                 p.data.copy_(self._float[n])
 
+    def unload(self) -> None:
+        """Let the weights and their float copy go (a caller that goes on with the
+        block-streamed path keeps only the tokenizer, the shapes and the config)."""
+        import gc
+
+        self.model, self._float = None, {}
+        gc.collect()
+
     def calibrate(self) -> Calibration:
         from hiq2gguf.resume import load_torch, save_torch
 

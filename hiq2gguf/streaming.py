@@ -157,15 +157,19 @@ class StreamedModel:
             mod._buffers[attr] = t
 
     def _rebuild_computed_buffers(self) -> None:
-        """Buffers computed at construction (rotary frequency tables) are not in the
-        files: build those modules again off the meta device."""
+        """Buffers computed at construction are not in the files: rotary frequency
+        tables (the module is built again off the meta device) and Gemma3's embedding
+        scale (a constant the module also keeps as a float)."""
         for name, mod in list(self.model.named_modules()):
             if not any(b.is_meta for b in mod.buffers(recurse=False)):
                 continue
-            if not name.endswith("rotary_emb"):
+            if name.endswith("rotary_emb"):
+                parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
+                setattr(self.model.get_submodule(parent), attr, type(mod)(config=self.config))
+            elif hasattr(mod, "scalar_embed_scale") and mod.embed_scale.is_meta:
+                mod.embed_scale = torch.tensor(mod.scalar_embed_scale)
+            else:
                 raise StreamingError(f"--stream: cannot materialize buffers of {name} ({type(mod).__name__})")
-            parent, attr = name.rsplit(".", 1) if "." in name else ("", name)
-            setattr(self.model.get_submodule(parent), attr, type(mod)(config=self.config))
 
     def tensor(self, name: str) -> torch.Tensor:
         """A tensor outside the blocks (kept in memory), or read from its file."""
@@ -383,9 +387,12 @@ def check_streamable(cfg, source) -> None:
         raise StreamingError("--stream keeps its blocks in OUT.partial/: it cannot run with --no-checkpoints")
 
 
-def convert_streaming(cfg, out: Path, source, log) -> dict:
+def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None) -> dict:
     """``convert.convert`` with one block in memory at a time; returns the report's
-    entries (see the module docstring)."""
+    entries (see the module docstring). The block-streamed calibration (Fisher, the
+    gradient estimator's rows) goes under ``calib_dir``, OUT.partial/ by default (then
+    it goes with it): files of several budgets made from one model can share it, since
+    it is keyed by the source, the calibration windows and the candidate members."""
     from transformers import AutoTokenizer
 
     from hiq2gguf import data
@@ -413,7 +420,7 @@ def convert_streaming(cfg, out: Path, source, log) -> dict:
 
     optimized = cfg.ratio_strategy == "optimized"
     settings = hiq2_candidates(names, {}, cfg.bpw, cfg.ratio).settings if optimized else None
-    calib_root = root / f"stream-{key_of(src, cfg.threads, 'calibration', windows, settings)}"
+    calib_root = Path(calib_dir or root) / f"stream-{key_of(src, cfg.threads, 'calibration', windows, settings)}"
     fisher = LazyFisher(calib_root, names, conv.block_index)
     cset = hiq2_candidates(names, fisher, cfg.bpw, cfg.ratio) if optimized else None
     calib = StreamedCalibration(sm, windows, calib_root, cset, cfg.progress)

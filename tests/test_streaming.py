@@ -217,3 +217,74 @@ def test_reads_safetensors_without_a_memory_map(tmp_path):
         assert got[n].dtype == torch.float32 and torch.equal(got[n], t.to(torch.float32))
     maps = Path("/proc/self/maps").read_text()
     assert "x.safetensors" not in maps
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3_text"])
+def test_streamed_equals_in_memory_on_other_architectures(arch, smollm_tokenizer, tmp_path, monkeypatch):
+    """Biases (qwen2), q/k norms (qwen3), untied heads, sliding windows (gemma3): the
+    block-streamed conversion reads and writes them like the in-memory one, byte for byte."""
+    from hiq2gguf.convert import ConvertConfig, convert
+    from hiq2gguf.plan import RatioConfig
+    from tests.test_architectures import ARCHITECTURES, make_tiny_model
+
+    monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache"))
+    d = make_tiny_model(tmp_path / arch, smollm_tokenizer, ARCHITECTURES[arch], seed=1)
+    cfg = dict(bpw=2.9, calib_windows=2, calib_ctx=64, method="gptq", evaluate=False, progress=False, threads=1,
+               ratio=RatioConfig(ratios="H0,H2,H4", cache=False))
+    mem = convert(ConvertConfig(**cfg), tmp_path / "mem.gguf", str(d))
+    streamed = convert(ConvertConfig(**cfg, stream=True), tmp_path / "streamed.gguf", str(d))
+    assert [t["type"] for t in streamed["tensors"]] == [t["type"] for t in mem["tensors"]]
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
+def test_budgets_share_one_streamed_calibration(four_block_llama, tmp_path, monkeypatch):
+    """compare_stock --stream: with ``calib_dir`` the second budget finds the block-streamed
+    calibration done (no block runs again) and its file equals a conversion of its own."""
+    from hiq2gguf import model_io
+    from hiq2gguf.convert import ConvertConfig, convert
+    from hiq2gguf.plan import RatioConfig
+    from hiq2gguf.streaming import StreamedCalibration, convert_streaming
+
+    monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache"))
+    cfg = ConvertConfig(bpw=2.75, calib_windows=3, calib_ctx=64, method="rtn", evaluate=False, progress=False,
+                        threads=1, stream=True, ratio=RatioConfig(ratios="H0,H2,H4", cache=False))
+    source = model_io.resolve(str(four_block_llama))
+    shared = tmp_path / "calib"
+    convert_streaming(cfg, tmp_path / "a.gguf", source, print, calib_dir=shared)
+    assert len(list(shared.glob("stream-*/done.pt"))) == 1
+    calls = []
+    monkeypatch.setattr(StreamedCalibration, "_forward", lambda self: calls.append("forward"))
+    b = convert_streaming(replace_bpw(cfg, 3.0), tmp_path / "b.gguf", source, print, calib_dir=shared)
+    assert calls == [] and b["bpw"] <= 3.0
+    monkeypatch.undo()
+    monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache2"))
+    convert(replace_bpw(cfg, 3.0), tmp_path / "own.gguf", str(four_block_llama))
+    assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "own.gguf").read_bytes()
+
+
+def replace_bpw(cfg, bpw):
+    from dataclasses import replace
+    return replace(cfg, bpw=bpw)
+
+
+def test_safetensors_copy_of_a_gguf_streams_the_same_weights(tmp_path, monkeypatch):
+    """tools/bench_models.safetensors_copy: the HF directory --stream reads, made from a
+    GGUF source, holds exactly the weights the loader gave, and is made once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_models import safetensors_copy
+    from hiq2gguf import model_io
+    from hiq2gguf.streaming import StreamedModel
+
+    gguf = tmp_path / "m.gguf"
+    gguf.symlink_to(model_io.default_model_path())
+    model, tok = model_io.load(model_io.resolve(str(gguf)))
+    out = safetensors_copy(model, tok, gguf, print)
+    assert out == tmp_path / "m.hf" and not (tmp_path / "m.hf.tmp").exists()
+    sm = StreamedModel(out)
+    params = dict(model.named_parameters())
+    assert torch.equal(sm.tensor("model.embed_tokens.weight"), params["model.embed_tokens.weight"])
+    with sm.block(3) as block:
+        for n, p in block.named_parameters():
+            assert torch.equal(p, params[f"model.layers.3.{n}"]), n
+    mtime = (out / "config.json").stat().st_mtime
+    assert safetensors_copy(None, None, gguf, print) == out and (out / "config.json").stat().st_mtime == mtime

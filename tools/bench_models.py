@@ -109,3 +109,22 @@ def resolve_model(ref: str, log=print) -> tuple[str, str | None]:
     if not p.exists():
         raise ModelFetchError(f"model {ref!r}: neither {DEFAULT}, one of {', '.join(FETCHED)}, nor a path")
     return p.stem if p.is_file() else p.name, str(p)
+
+
+def safetensors_copy(model, tokenizer, gguf: Path, log=print) -> Path:
+    """A Hugging Face directory (float32 safetensors) of a model loaded from ``gguf``,
+    for the block-streamed conversion (``--stream`` reads safetensors, one block at a
+    time). Kept beside the GGUF in the models cache; written into a temporary
+    directory and renamed, so a crash leaves no half-written copy behind."""
+    import shutil
+
+    out = Path(gguf).with_suffix(".hf")
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"writing a safetensors copy of {Path(gguf).name} -> {out}")
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1GB")
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out

@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import llamacpp  # noqa: E402  (llama-quantize, llama-imatrix, bpw and types of a file)
-from bench_models import FETCHED, ModelFetchError, resolve_model  # noqa: E402
+from bench_models import FETCHED, ModelFetchError, resolve_model, safetensors_copy  # noqa: E402
 from hiq2gguf import runtime  # noqa: E402
 from hiq2gguf.gguf_io import atomic_output  # noqa: E402
 
@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", default=RATIOS_DEFAULT, help="candidate members, the same for every budget")
     ap.add_argument("--preset", default="fast", help="learned quantizers' settings (fast | paper)")
     ap.add_argument("--outdir", help="our GGUFs (default out/compare_stock/MODEL)")
+    ap.add_argument("--stream", action="store_true",
+                    help="make ours block by block (hiq2gguf convert --stream, from a safetensors copy of "
+                         "the model): for models whose weights, Fisher and candidates do not fit in memory "
+                         "together (qwen2.5-coder-1.5b on 24 GB); the same files, one calibration for every budget")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -349,7 +353,13 @@ def run(args) -> int:
 
     # ours: one calibration, one plan per budget, every method on each plan
     todo = [(m, b) for m in methods for b in budgets if not results.has(our_name(m, b))]
-    if todo:
+    if todo and args.stream:
+        for m, b, path, minutes, report in ours_streamed(conv, todo, outdir, work, results, log):
+            add({"model": model_name, "name": our_name(m, b), "kind": "ours", "ours": True, **measure(path),
+                 "minutes": minutes, "method": m, "budget": b, "streamed": True,
+                 "solver": {k: report.get("solver", {}).get(k) for k in ("status", "gap", "seconds")},
+                 "predicted_loss_increase": report.get("predicted_loss_increase")})
+    elif todo:
         calib = conv.calibrate()
         results.costs["calibration_minutes"] = round(calib.seconds / 60, 2)
         plans = {}
@@ -385,6 +395,35 @@ def run(args) -> int:
     plot(rows, png, model_name)
     print(f"wrote {args.json} ({len(rows)} rows of {model_name}) and {png}")
     return 0
+
+
+def ours_streamed(conv, todo: list[tuple[str, float]], outdir: Path, work: Path, results: "Results", log):
+    """Our files made block by block (``--stream``): the model's weights leave memory,
+    a safetensors copy is read one block at a time, and the block-streamed calibration
+    (kept in the bench cache, keyed by source and settings) serves every budget.
+    Yields (method, budget, file, minutes without the calibration, report)."""
+    from hiq2gguf import model_io
+    from hiq2gguf.streaming import convert_streaming
+
+    source = conv.source
+    if source.gguf_path is not None:
+        source = model_io.resolve(str(safetensors_copy(conv.model, conv.tokenizer, source.gguf_path, log)))
+    conv.unload()
+    for m, b in todo:
+        log(f"{our_name(m, b)}: quantizing ({m}, block-streamed)")
+        path = outdir / f"{our_name(m, b)}.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        calib_dir = work / "stream-calibration"
+        done_before = set(calib_dir.glob("stream-*/done.pt"))
+        t1 = time.monotonic()
+        report = convert_streaming(replace(conv.cfg, method=m, bpw=b, stream=True), path, source, log,
+                                   calib_dir=calib_dir)
+        calib_seconds = 0.0
+        if set(calib_dir.glob("stream-*/done.pt")) - done_before:    # this call calibrated
+            calib_seconds = report["calibration"]["seconds"]
+            results.costs["calibration_minutes"] = round(calib_seconds / 60, 2)
+            results.save()
+        yield m, b, path, round(max(time.monotonic() - t1 - calib_seconds, 0) / 60, 2), report
 
 
 def our_name(method: str, bpw: float) -> str:
