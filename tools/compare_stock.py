@@ -322,6 +322,9 @@ def run(args) -> int:
     f32, seconds = f32_gguf(conv, model_name, log)
     if seconds is not None:
         results.costs["f32_write_minutes"] = round(seconds / 60, 2)
+    # --stream: from here on a safetensors copy is read block by block; the whole model
+    # leaves memory before llama.cpp maps the stock files
+    stream_source = streamed_source(conv, log) if args.stream else None
     if not results.has("reference"):
         add({"model": model_name, "name": "reference", "kind": "reference", "ours": False,
              **measure(f32), "minutes": None})
@@ -354,7 +357,7 @@ def run(args) -> int:
     # ours: one calibration, one plan per budget, every method on each plan
     todo = [(m, b) for m in methods for b in budgets if not results.has(our_name(m, b))]
     if todo and args.stream:
-        for m, b, path, minutes, report in ours_streamed(conv, todo, outdir, work, results, log):
+        for m, b, path, minutes, report in ours_streamed(conv.cfg, stream_source, todo, outdir, work, results, log):
             add({"model": model_name, "name": our_name(m, b), "kind": "ours", "ours": True, **measure(path),
                  "minutes": minutes, "method": m, "budget": b, "streamed": True,
                  "solver": {k: report.get("solver", {}).get(k) for k in ("status", "gap", "seconds")},
@@ -397,18 +400,25 @@ def run(args) -> int:
     return 0
 
 
-def ours_streamed(conv, todo: list[tuple[str, float]], outdir: Path, work: Path, results: "Results", log):
-    """Our files made block by block (``--stream``): the model's weights leave memory,
-    a safetensors copy is read one block at a time, and the block-streamed calibration
-    (kept in the bench cache, keyed by source and settings) serves every budget.
-    Yields (method, budget, file, minutes without the calibration, report)."""
+def streamed_source(conv, log):
+    """The model as a safetensors directory (a copy when it came as a GGUF), after
+    which ``conv`` lets its weights go."""
     from hiq2gguf import model_io
-    from hiq2gguf.streaming import convert_streaming
 
     source = conv.source
     if source.gguf_path is not None:
         source = model_io.resolve(str(safetensors_copy(conv.model, conv.tokenizer, source.gguf_path, log)))
     conv.unload()
+    return source
+
+
+def ours_streamed(cfg, source, todo: list[tuple[str, float]], outdir: Path, work: Path, results: "Results", log):
+    """Our files made block by block (``--stream``) from the safetensors ``source``; the
+    block-streamed calibration (kept in the bench cache, keyed by source and settings)
+    serves every budget. Yields (method, budget, file, minutes without the
+    calibration, report)."""
+    from hiq2gguf.streaming import convert_streaming
+
     for m, b in todo:
         log(f"{our_name(m, b)}: quantizing ({m}, block-streamed)")
         path = outdir / f"{our_name(m, b)}.gguf"
@@ -416,7 +426,7 @@ def ours_streamed(conv, todo: list[tuple[str, float]], outdir: Path, work: Path,
         calib_dir = work / "stream-calibration"
         done_before = set(calib_dir.glob("stream-*/done.pt"))
         t1 = time.monotonic()
-        report = convert_streaming(replace(conv.cfg, method=m, bpw=b, stream=True), path, source, log,
+        report = convert_streaming(replace(cfg, method=m, bpw=b, stream=True), path, source, log,
                                    calib_dir=calib_dir)
         calib_seconds = 0.0
         if set(calib_dir.glob("stream-*/done.pt")) - done_before:    # this call calibrated
