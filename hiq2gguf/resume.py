@@ -161,7 +161,7 @@ def resume_sequential(seq, state: dict) -> None:
 
     from hiq2gguf.sequential import BlockRecord, capture_block_inputs
 
-    _, seq.kwargs = capture_block_inputs(seq.model, seq.blocks[0][1], seq.windows[:1])
+    _, seq.block_kwargs = capture_block_inputs(seq.model, seq.windows[:1])
     seq.next_block = state["next_block"]
     seq.x_q, seq.x_fp = state["x_q"], state["x_fp"]
     seq.records = [BlockRecord(**r) for r in state["records"]]

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hiq2gguf.sequential import run_block
+
 
 class Checkpoint:
     """Named numpy arrays in one ``.npz`` file, rewritten atomically (write + rename),
@@ -208,10 +210,9 @@ class BlockInputs:
         labels = self.ids[:, 1:]
         if not self.suffix:
             return float(self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss)
-        h, kwargs = self.inputs[block]
-        for layer in self.layers[block:]:
-            h = layer(h, **kwargs)
-            h = h[0] if isinstance(h, tuple) else h
+        h = self.inputs[block][0]
+        for layer, (_, kwargs) in zip(self.layers[block:], self.inputs[block:]):   # each block its own
+            h = run_block(layer, h, kwargs)                                        # (mask, rope: Gemma3)
         logits = self.model.lm_head(self.model.model.norm(h))[:, :-1]
         return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                        labels.reshape(-1)))

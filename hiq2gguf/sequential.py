@@ -48,19 +48,39 @@ def decoder_blocks(model) -> list[tuple[str, torch.nn.Module]]:
 
 
 @torch.no_grad()
-def capture_block_inputs(model, first_block: torch.nn.Module, windows: list[list[int]]):
-    """Hidden states entering the first block for every window, and the keyword
-    arguments (rotary embeddings, mask, positions) the model passes to its blocks."""
+def capture_block_inputs(model, windows: list[list[int]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering the first block for every window, and for every block
+    the keyword arguments the model passes it (rotary embeddings, mask, positions).
+
+    Blocks may get different ones: Gemma3's sliding layers get a local rope and a
+    sliding-window mask, its full layers a global rope and the causal mask. The
+    model runs with every block's forward replaced by one that records its
+    arguments and passes the hidden states through, so no block weight is used
+    (blocks may sit on the meta device). Blocks of the same kind share the model's
+    tensors (nothing is copied)."""
     if len({len(w) for w in windows}) != 1:
         raise ValueError("calibration windows must all have the same length")
-    inputs, kwargs = [], {}
+    blocks = [b for _, b in decoder_blocks(model)]
+    inputs: list[torch.Tensor] = []
+    kwargs: dict[int, dict] = {}
 
-    def grab(module, args, kw):
-        inputs.append(args[0] if args else kw["hidden_states"])
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
+    def recorder(i: int):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw["hidden_states"]
+            if i == 0:
+                inputs.append(hidden)
+            if i not in kwargs:
+                kwargs[i] = {k: v for k, v in kw.items()
+                             if k not in ("hidden_states", "past_key_values", "past_key_value")}
+                kwargs[i]["use_cache"] = False
+            if i == len(blocks) - 1 or len(kwargs) == len(blocks):
+                raise _Stop                 # the rest (final norm, head) is not needed
+            return hidden
+        return forward
 
-    hook = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    own = [b.__dict__.get("forward") for b in blocks]     # a forward set on the instance (e.g. by a wrapper)
+    for i, b in enumerate(blocks):
+        b.forward = recorder(i)
     try:
         for w in windows:
             try:
@@ -68,11 +88,23 @@ def capture_block_inputs(model, first_block: torch.nn.Module, windows: list[list
             except _Stop:
                 pass
     finally:
-        hook.remove()
-    kwargs["use_cache"] = False
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return inputs, kwargs
+        for b, f in zip(blocks, own):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+    missing = [i for i in range(len(blocks)) if i not in kwargs]
+    if missing or len(inputs) != len(windows):
+        raise ValueError(f"{type(model).__name__}: the model's forward did not call decoder blocks {missing}")
+    return inputs, [kwargs[i] for i in range(len(blocks))]
+
+
+def run_block(block: torch.nn.Module, x: torch.Tensor, kwargs: dict,
+              weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Block's output hidden states for input ``x`` with its keyword arguments ``kwargs``
+    (from ``capture_block_inputs``), optionally with some parameters replaced by ``weights``."""
+    out = functional_call(block, weights, (x,), kwargs) if weights else block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out      # older transformers return (hidden, ...)
 
 
 @dataclass
@@ -105,7 +137,7 @@ class BlockSequential:
         self.codes: dict[str, Codes] = {}
         self.records: list[BlockRecord] = []
         self.x_q = self.x_fp = None
-        self.kwargs: dict = {}
+        self.block_kwargs: list[dict] = []       # the keyword arguments of every block (capture_block_inputs)
         self.windows = windows
         self.bar = None
 
@@ -123,15 +155,14 @@ class BlockSequential:
         return self.codes.pop(name)
 
     # ---- one block ----------------------------------------------------------
-    def _run(self, block, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(block, weights, (x,), self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
+    def _run(self, i: int, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return run_block(self.blocks[i][1], x, self.block_kwargs[i], weights)
 
     def _quantize_block(self, i: int) -> None:
         t0 = time.time()
         prefix, block = self.blocks[i]
         if self.x_q is None:
-            inputs, self.kwargs = capture_block_inputs(self.model, block, self.windows)
+            inputs, self.block_kwargs = capture_block_inputs(self.model, self.windows)
             self.x_fp, self.x_q = inputs, [x.clone() for x in inputs]
             self.bar = tqdm(total=len(self.blocks), desc=f"{self.method} blocks", unit="block",
                             disable=not self.progress)
@@ -141,14 +172,14 @@ class BlockSequential:
         block.requires_grad_(False)
         try:
             with torch.no_grad():
-                y = [self._run(block, {}, x) for x in self.x_fp]
+                y = [self._run(i, {}, x) for x in self.x_fp]
             if self.method == "gptq":
-                codes, stages = {n: c for n, (c, _) in self._gptq(block, names, local).items()}, []
+                codes, stages = {n: c for n, (c, _) in self._gptq(i, names, local).items()}, []
             else:
                 codes, stages = self._learned(block, names, local, y, i)
             fake = {local[n]: dequantize_torch(c) for n, c in codes.items()}
             with torch.no_grad():
-                self.x_q = [self._run(block, fake, x) for x in self.x_q]
+                self.x_q = [self._run(i, fake, x) for x in self.x_q]
             err = sum(float(((a - b) ** 2).mean()) for a, b in zip(self.x_q, y)) / len(y)
         finally:
             for n, p in block.named_parameters():
@@ -161,8 +192,9 @@ class BlockSequential:
         if i == len(self.blocks) - 1:
             self.bar.close()
 
-    def _gptq(self, block, names, local) -> dict[str, tuple[Codes, torch.Tensor]]:
-        """name -> (GPTQ's codes, the weights they round: ``GPTQ.rounded``)."""
+    def _gptq(self, i: int, names, local) -> dict[str, tuple[Codes, torch.Tensor]]:
+        """name -> (GPTQ's codes, the weights they round: ``GPTQ.rounded``) for block ``i``."""
+        block = self.blocks[i][1]
         modules = dict(block.named_modules())
         gptq, hooks = {}, []
         for n in names:
@@ -172,7 +204,7 @@ class BlockSequential:
         try:
             with torch.no_grad():
                 for x in self.x_q:
-                    self._run(block, {}, x)
+                    self._run(i, {}, x)
         finally:
             for h in hooks:
                 h.remove()
@@ -187,14 +219,14 @@ class BlockSequential:
         for kind in STAGES[self.method]:
             if kind is GPTQ:      # nothing to train: error feedback on the Hessian of the layer inputs
                 t0 = time.time()
-                qs = {n: FixedCodes(w, c) for n, (c, w) in self._gptq(block, names, local).items()}
+                qs = {n: FixedCodes(w, c) for n, (c, w) in self._gptq(i, names, local).items()}
                 stats.append({"stage": "GPTQ", "seconds": round(time.time() - t0, 2)})
                 prev = qs
                 continue
             qs = {n: start_stage(kind, params[local[n]].data, self.plan[n].n_high, self.fisher.get(n), prev[n],
                                  self.recon) for n in names}
             steps, lr = self.recon.steps(kind)
-            r = train_stage(lambda w, x, b=block: self._run(b, w, x),
+            r = train_stage(lambda w, x: self._run(i, w, x),
                             {local[n]: q for n, q in qs.items()}, self.x_q, y, steps, lr, self.recon,
                             desc=f"block {i} {kind.__name__}", progress=self.progress)
             stats.append({"stage": kind.__name__, **r})

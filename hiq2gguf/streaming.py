@@ -227,11 +227,6 @@ class LazyFisher(Mapping):
         return len(self.names)
 
 
-def _run_block(block, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 class StreamedCalibration:
     """Fisher diagonal and (with ``candidates``) the gradient estimator's per-sequence
     rows, block-streamed; state in ``root`` (see the module docstring).
@@ -262,12 +257,11 @@ class StreamedCalibration:
             d = load_torch(done)
             return fisher, d["rows"], d["seconds"]
         t0 = time.time()
-        first = self.sm.blocks[0][1]
         if not self._file("h", 0).exists():
-            inputs, self.kwargs = capture_block_inputs(self.sm.model, first, self.windows)
+            inputs, self.block_kwargs = capture_block_inputs(self.sm.model, self.windows)
             save_torch(self._file("h", 0), inputs)
         else:
-            _, self.kwargs = capture_block_inputs(self.sm.model, first, self.windows[:1])
+            _, self.block_kwargs = capture_block_inputs(self.sm.model, self.windows[:1])
         self._forward()
         self._head()
         rows = self._backward()
@@ -281,12 +275,13 @@ class StreamedCalibration:
     @torch.no_grad()
     def _forward(self) -> None:
         from hiq2gguf.resume import load_torch, save_torch
+        from hiq2gguf.sequential import run_block
 
         todo = [b for b in range(self.n) if not self._file("h", b + 1).exists()]
         for b in tqdm(todo, desc="calibrate: forward", unit="block", disable=not self.progress):
             h = load_torch(self._file("h", b))
             with self.sm.block(b) as block:
-                h = [_run_block(block, x, self.kwargs) for x in h]
+                h = [run_block(block, x, self.block_kwargs[b]) for x in h]
             save_torch(self._file("h", b + 1), h)
 
     def _head(self) -> None:
@@ -330,7 +325,7 @@ class StreamedCalibration:
                 sums = {n: torch.zeros_like(p) for n, p in lin.items()}
                 dh_in = []
                 for x, g_out in zip(h, dh):
-                    grads, g_in = self._grads(block, lin, x, g_out)
+                    grads, g_in = self._grads(b, block, lin, x, g_out)
                     for n, g in grads.items():
                         sums[n] += g.to(torch.float32) ** 2
                     dh_in.append(g_in)
@@ -338,7 +333,7 @@ class StreamedCalibration:
                 save_torch(self._file("fisher", b), fisher)
                 rows = None
                 if self.candidates is not None:
-                    rows = self._rows(block, lin, h, dh, fisher)
+                    rows = self._rows(b, block, lin, h, dh, fisher)
                 for p in lin.values():
                     p.requires_grad_(False)
                 del lin, sums, fisher                  # this block's weights go with the block
@@ -350,9 +345,11 @@ class StreamedCalibration:
         parts = [load_torch(self._file("back", b))["rows"] for b in range(self.n)]
         return np.concatenate(parts, axis=1)
 
-    def _grads(self, block, lin, x, g_out):
+    def _grads(self, b: int, block, lin, x, g_out):
+        from hiq2gguf.sequential import run_block
+
         x = x.detach().requires_grad_(True)
-        out = _run_block(block, x, self.kwargs)
+        out = run_block(block, x, self.block_kwargs[b])
         out.backward(g_out)
         grads = {}
         for n, p in lin.items():
@@ -360,14 +357,14 @@ class StreamedCalibration:
             p.grad = None
         return grads, x.grad.detach()
 
-    def _rows(self, block, lin, h, dh, fisher) -> np.ndarray:
+    def _rows(self, b: int, block, lin, h, dh, fisher) -> np.ndarray:
         """<g_l(s), Delta_(l,m)> for the layers of this block and their candidates,
         as ``sensitivity.GradientProjection`` computes them (Deltas in bfloat16)."""
         layers = self.candidates.layers
         deltas = {n: [c.delta(n, p.data).to(torch.bfloat16) for c in layers[n]] for n, p in lin.items()}
         rows = []
         for x, g_out in zip(h, dh):
-            grads, _ = self._grads(block, lin, x, g_out)
+            grads, _ = self._grads(b, block, lin, x, g_out)
             rows.append([float((grads[n].to(torch.float32) * d.to(torch.float32)).sum())
                          for n in lin for d in deltas[n]])
         return np.asarray(rows, dtype=np.float64)
