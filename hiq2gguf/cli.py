@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantizer on the HIQ2 grid: rtn layer by layer; the others block by block "
                         "on the calibration text. hybrid: GPTQ, then learned rounding of the "
                         "high-impact groups; hybrid-lwc: learned clipping, then learned rounding "
-                        "(default: ConvertConfig.method, gptq)")
+                        "(default: ConvertConfig.method, hybrid)")
     c.add_argument("--preset", choices=["fast", "paper"], default="fast",
                    help="reconstruction training of lwc/adaround/hybrid: fast (minutes on a CPU) "
                         "or paper (5,000 AdaRound steps, for a GPU)")

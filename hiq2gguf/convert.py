@@ -32,9 +32,9 @@ class ConvertConfig:
     eval_text: str = "boolq"
     eval_windows: int = evaluate.DEFAULT_WINDOWS
     eval_ctx: int = evaluate.DEFAULT_CTX
-    # rtn | gptq | lwc | adaround | hybrid (sequential.METHODS); gptq by default until hybrid is
-    # shown to beat it on whole-model perplexity (and it is ~10x slower on a 2-core CPU)
-    method: str = "gptq"
+    # rtn | gptq | lwc | adaround | hybrid | hybrid-lwc (sequential.METHODS); hybrid beat gptq on
+    # whole-model perplexity wherever the plan has high-impact groups (README, compare_stock)
+    method: str = "hybrid"
     preset: str = "fast"                      # reconstruction settings: fast (CPU) | paper (learned.PRESETS)
     ratio_strategy: str = "optimized"         # optimized (per-layer ratios, see plan.py) | fixed
     ratio: RatioConfig = field(default_factory=RatioConfig)
