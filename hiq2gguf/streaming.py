@@ -240,6 +240,7 @@ class StreamedCalibration:
         self.sm, self.windows, self.root = sm, windows, root
         self.candidates, self.progress = candidates, progress
         self.n = len(sm.blocks)
+        self.kept_gradient_bytes = 4 << 30      # one block's per-window gradients kept up to this
         root.mkdir(parents=True, exist_ok=True)
 
     def _file(self, kind: str, b: int) -> Path:
@@ -323,17 +324,24 @@ class StreamedCalibration:
                 for p in lin.values():
                     p.requires_grad_(True)
                 sums = {n: torch.zeros_like(p) for n, p in lin.items()}
-                dh_in = []
+                # the rows need every window's gradients again once the Fisher (which the
+                # candidates' deltas depend on) is known: kept when they fit, else recomputed
+                keep = self.candidates is not None and \
+                    len(h) * sum(p.numel() for p in lin.values()) * 4 <= self.kept_gradient_bytes
+                dh_in, kept = [], []
                 for x, g_out in zip(h, dh):
                     grads, g_in = self._grads(b, block, lin, x, g_out)
                     for n, g in grads.items():
                         sums[n] += g.to(torch.float32) ** 2
                     dh_in.append(g_in)
+                    if keep:
+                        kept.append(grads)
                 fisher = {n: s / len(h) for n, s in sums.items()}
                 save_torch(self._file("fisher", b), fisher)
                 rows = None
                 if self.candidates is not None:
-                    rows = self._rows(b, block, lin, h, dh, fisher)
+                    rows = self._rows(b, block, lin, h, dh, fisher, kept if keep else None)
+                del kept
                 for p in lin.values():
                     p.requires_grad_(False)
                 del lin, sums, fisher                  # this block's weights go with the block
@@ -357,16 +365,17 @@ class StreamedCalibration:
             p.grad = None
         return grads, x.grad.detach()
 
-    def _rows(self, b: int, block, lin, h, dh, fisher) -> np.ndarray:
+    def _rows(self, b: int, block, lin, h, dh, fisher, kept: list[dict] | None = None) -> np.ndarray:
         """<g_l(s), Delta_(l,m)> for the layers of this block and their candidates,
-        as ``sensitivity.GradientProjection`` computes them (Deltas in bfloat16)."""
+        as ``sensitivity.GradientProjection`` computes them (Deltas rounded to bfloat16);
+        each window's gradients from ``kept`` or computed again."""
         layers = self.candidates.layers
-        deltas = {n: [c.delta(n, p.data).to(torch.bfloat16) for c in layers[n]] for n, p in lin.items()}
+        deltas = {n: [c.delta(n, p.data).to(torch.bfloat16).to(torch.float32) for c in layers[n]]
+                  for n, p in lin.items()}
         rows = []
-        for x, g_out in zip(h, dh):
-            grads, _ = self._grads(b, block, lin, x, g_out)
-            rows.append([float((grads[n].to(torch.float32) * d.to(torch.float32)).sum())
-                         for n in lin for d in deltas[n]])
+        for s, (x, g_out) in enumerate(zip(h, dh)):
+            grads = kept[s] if kept is not None else self._grads(b, block, lin, x, g_out)[0]
+            rows.append([float((grads[n].to(torch.float32) * d).sum()) for n in lin for d in deltas[n]])
         return np.asarray(rows, dtype=np.float64)
 
 

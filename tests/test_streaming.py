@@ -148,6 +148,10 @@ def test_block_streamed_gradients_match_whole_model(four_block_llama, smollm_tok
     s_fisher, _, _ = streamed.run()
     s_cset = hiq2_candidates(list(params), s_fisher, 3.0, RatioConfig(ratios="H0,H2,H4"))
     _, s_rows, _ = StreamedCalibration(sm, windows, tmp_path / "calib2", s_cset, progress=False).run()
+    recomputing = StreamedCalibration(sm, windows, tmp_path / "calib3", s_cset, progress=False)
+    recomputing.kept_gradient_bytes = 0            # gradients computed again instead of kept
+    _, r_rows, _ = recomputing.run()
+    np.testing.assert_array_equal(r_rows, s_rows)
     assert list(s_fisher) == list(params)
     for n in params:
         torch.testing.assert_close(s_fisher[n], fisher[n], rtol=1e-5, atol=1e-12)
