@@ -425,11 +425,20 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     report: dict = {"streaming": True}
 
     optimized = cfg.ratio_strategy == "optimized"
-    settings = hiq2_candidates(names, {}, cfg.bpw, cfg.ratio).settings if optimized else None
-    calib_root = Path(calib_dir or root) / f"stream-{key_of(src, cfg.threads, 'calibration', windows, settings)}"
+    elements = sum(s[0] * s[1] for s in shapes.values())
+    # the gradient estimator's rows are needed unless the budget leaves one choice
+    # (e.g. 2.5 bpw: every weight H0); a calibration with rows serves too, if one is done
+    needs_rows = False
+    if optimized:
+        sizes = hiq2_candidates(names, {}, cfg.bpw, cfg.ratio)
+        needs_rows = forced_plan(names, sizes, plan_bits(shapes, sizes, cfg.bpw), cfg.bpw * elements, "") is None
+    base = Path(calib_dir or root)
+    with_rows = base / f"stream-{key_of(src, cfg.threads, 'calibration', windows, sizes.settings)}" if optimized else None
+    use_rows = needs_rows or (with_rows is not None and (with_rows / "done.pt").exists())
+    calib_root = with_rows if use_rows else base / f"stream-{key_of(src, cfg.threads, 'calibration', windows, None)}"
     fisher = LazyFisher(calib_root, names, conv.block_index)
     cset = hiq2_candidates(names, fisher, cfg.bpw, cfg.ratio) if optimized else None
-    calib = StreamedCalibration(sm, windows, calib_root, cset, cfg.progress)
+    calib = StreamedCalibration(sm, windows, calib_root, cset if use_rows else None, cfg.progress)
     fisher, rows, calib_seconds = calib.run()
     report["calibration"] = {"text": "boolq/calibration", "windows": len(windows), "ctx": cfg.calib_ctx,
                              "seconds": round(calib_seconds, 1)}
@@ -443,7 +452,6 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     elif not optimized:
         plan, info = fixed_plan(shapes, cfg.bpw), {"ratio_strategy": "fixed"}
     else:
-        elements = sum(s[0] * s[1] for s in shapes.values())
         bits = plan_bits(shapes, cset, cfg.bpw)
         info = forced_plan(names, cset, bits, cfg.bpw * elements, "gradient")
         if info is None:

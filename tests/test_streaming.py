@@ -292,3 +292,24 @@ def test_safetensors_copy_of_a_gguf_streams_the_same_weights(tmp_path, monkeypat
             assert torch.equal(p, params[f"model.layers.3.{n}"]), n
     mtime = (out / "config.json").stat().st_mtime
     assert safetensors_copy(None, None, gguf, print) == out and (out / "config.json").stat().st_mtime == mtime
+
+
+def test_forced_budget_streams_without_the_estimator(four_block_llama, tmp_path, monkeypatch):
+    """At a budget that leaves one choice (2.5 bpw: every weight H0) the block-streamed
+    calibration computes the Fisher only (no candidate rows), and the file is the
+    in-memory conversion's."""
+    from hiq2gguf.convert import ConvertConfig, convert
+    from hiq2gguf.plan import RatioConfig
+    from hiq2gguf.streaming import StreamedCalibration
+
+    monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache"))
+    cfg = dict(bpw=2.5, calib_windows=3, calib_ctx=64, method="gptq", evaluate=False, progress=False, threads=1,
+               ratio=RatioConfig(ratios="H0,H2,H4", cache=False))
+    rows_asked = []
+    real_rows = StreamedCalibration._rows
+    monkeypatch.setattr(StreamedCalibration, "_rows", lambda self, *a: rows_asked.append(1) or real_rows(self, *a))
+    streamed = convert(ConvertConfig(**cfg, stream=True), tmp_path / "streamed.gguf", str(four_block_llama))
+    assert rows_asked == [] and streamed["solver"]["method"] == "forced"
+    assert {t["type"] for t in streamed["tensors"] if t["ratio"] is not None} == {"HIQ2_H0"}
+    convert(ConvertConfig(**cfg), tmp_path / "mem.gguf", str(four_block_llama))
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
