@@ -244,6 +244,8 @@ def test_streamed_equals_in_memory_on_other_architectures(arch, smollm_tokenizer
 def test_budgets_share_one_streamed_calibration(four_block_llama, tmp_path, monkeypatch):
     """compare_stock --stream: with ``calib_dir`` the second budget finds the block-streamed
     calibration done (no block runs again) and its file equals a conversion of its own."""
+    from dataclasses import replace
+
     from hiq2gguf import model_io
     from hiq2gguf.convert import ConvertConfig, convert
     from hiq2gguf.plan import RatioConfig
@@ -258,17 +260,12 @@ def test_budgets_share_one_streamed_calibration(four_block_llama, tmp_path, monk
     assert len(list(shared.glob("stream-*/done.pt"))) == 1
     calls = []
     monkeypatch.setattr(StreamedCalibration, "_forward", lambda self: calls.append("forward"))
-    b = convert_streaming(replace_bpw(cfg, 3.0), tmp_path / "b.gguf", source, print, calib_dir=shared)
+    b = convert_streaming(replace(cfg, bpw=3.0), tmp_path / "b.gguf", source, print, calib_dir=shared)
     assert calls == [] and b["bpw"] <= 3.0
     monkeypatch.undo()
     monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache2"))
-    convert(replace_bpw(cfg, 3.0), tmp_path / "own.gguf", str(four_block_llama))
+    convert(replace(cfg, bpw=3.0), tmp_path / "own.gguf", str(four_block_llama))
     assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "own.gguf").read_bytes()
-
-
-def replace_bpw(cfg, bpw):
-    from dataclasses import replace
-    return replace(cfg, bpw=bpw)
 
 
 def test_safetensors_copy_of_a_gguf_streams_the_same_weights(tmp_path, monkeypatch):
