@@ -12,7 +12,7 @@ import torch
 
 from hiq2gguf.formats import BLOCK, HIQ2_TYPES, FormatError, HIQ2Type, get_type, max_bpw, min_bpw
 from hiq2gguf.optimize import RatioProblem, solve
-from hiq2gguf.quantize import RTNConfig, dequantize_torch, quantize_rtn
+from hiq2gguf.quantize import RTNConfig, dequantize_torch, quantize_rtn_members
 
 # Candidate perturbations only need to be representative, not the final rounding:
 # a coarser range search keeps estimating M cheap.
@@ -63,7 +63,22 @@ class Candidate(Protocol):
 
     def bits(self, shape: tuple[int, int]) -> int: ...
 
-    def delta(self, name: str, w: torch.Tensor) -> torch.Tensor: ...
+    @staticmethod
+    def deltas(cands: list, name: str, w: torch.Tensor) -> list[torch.Tensor]:
+        """Delta of each of ``cands`` (candidates of this kind) for the weight ``w``, at
+        once: members of one family can share work."""
+
+
+def layer_deltas(cands: list[Candidate], name: str, w: torch.Tensor) -> list[torch.Tensor]:
+    """Delta of every candidate of one weight, in order; candidates of one kind at once."""
+    by_kind: dict[type, list[int]] = {}
+    for i, c in enumerate(cands):
+        by_kind.setdefault(type(c), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(cands)
+    for kind, idx in by_kind.items():
+        for i, d in zip(idx, kind.deltas([cands[i] for i in idx], name, w)):
+            out[i] = d
+    return out
 
 
 @dataclass(frozen=True)
@@ -76,8 +91,11 @@ class HIQ2Candidate:
     def bits(self, shape: tuple[int, int]) -> int:
         return layer_bits(shape, self.qtype)
 
-    def delta(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        return dequantize_torch(quantize_rtn(w, self.qtype.n_high, self.fisher[name], ESTIMATE_RTN)) - w
+    @staticmethod
+    def deltas(cands: list[HIQ2Candidate], name: str, w: torch.Tensor) -> list[torch.Tensor]:
+        # one range search serves every member (quantize_rtn_members)
+        codes = quantize_rtn_members(w, [c.qtype.n_high for c in cands], cands[0].fisher[name], ESTIMATE_RTN)
+        return [dequantize_torch(c) - w for c in codes]
 
 
 @dataclass
@@ -110,7 +128,7 @@ def perturbations(params, layers: dict[str, list[Candidate]], progress: bool = T
     out = {}
     for n in tqdm(list(layers), desc="candidates", unit="layer", disable=not progress):
         w = params[n].data
-        out[n] = [c.delta(n, w).to(torch.bfloat16) for c in layers[n]]
+        out[n] = [d.to(torch.bfloat16) for d in layer_deltas(layers[n], n, w)]
     return out
 
 

@@ -46,40 +46,61 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch
     return d, torch.where(df == 0, torch.zeros_like(z), z)
 
 
-def round_to_grid(w: torch.Tensor, high: torch.Tensor, d: torch.Tensor, z: torch.Tensor):
-    """Nearest grid levels of ``w`` [..., n] on the grid (d, z) [...] -> (levels, w_hat).
-
-    ``high`` (bool, broadcastable to ``w``) marks weights of high groups: 16 levels;
-    the others use levels 0, 5, 10, 15. ``w_hat`` is exactly the dequantized value.
-    """
+def _nearest_levels(w: torch.Tensor, d: torch.Tensor, z: torch.Tensor):
+    """Nearest high (0..15) and low (0, 5, 10, 15) levels of ``w`` [..., n] on the grid
+    (d, z) [...], 0 where d == 0 -> (high levels, low levels, d and z as float [..., 1])."""
     df = d.to(torch.float32)[..., None]
     zf = z[..., None]
     zero = df == 0
     t = w / torch.where(zero, torch.ones_like(df), df) + zf / 16
     lv_high = torch.clamp(torch.floor(t + 0.5), 0, 15)
     lv_low = torch.clamp(torch.floor((t + 2.5) / LOW_STEP), 0, 3) * LOW_STEP
+    return (torch.where(zero, torch.zeros_like(lv_high), lv_high),
+            torch.where(zero, torch.zeros_like(lv_low), lv_low), df, zf)
+
+
+def round_to_grid(w: torch.Tensor, high: torch.Tensor, d: torch.Tensor, z: torch.Tensor):
+    """Nearest grid levels of ``w`` [..., n] on the grid (d, z) [...] -> (levels, w_hat).
+
+    ``high`` (bool, broadcastable to ``w``) marks weights of high groups: 16 levels;
+    the others use levels 0, 5, 10, 15. ``w_hat`` is exactly the dequantized value.
+    """
+    lv_high, lv_low, df, zf = _nearest_levels(w, d, z)
     levels = torch.where(high, lv_high, lv_low)
-    levels = torch.where(zero, torch.zeros_like(levels), levels)
     return levels, df * (16 * levels - zf) / 16
 
 
-def choose_mask(wb: torch.Tensor, imp: torch.Tensor, n_high: int) -> torch.Tensor:
-    """Per block, the ``n_high`` groups where 4 bits save the most importance-weighted
-    squared error over 2 bits (on the block's min/max grid) -> bool [..., 8]."""
+def round_both_ways(w: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round_to_grid``'s w_hat of every weight as a high and as a low weight."""
+    lv_high, lv_low, df, zf = _nearest_levels(w, d, z)
+    return df * (16 * lv_high - zf) / 16, df * (16 * lv_low - zf) / 16
+
+
+def choose_masks(wb: torch.Tensor, imp: torch.Tensor, n_highs: list[int]) -> list[torch.Tensor]:
+    """Per block and member: the ``n_high`` groups where 4 bits save the most
+    importance-weighted squared error over 2 bits (on the block's min/max grid)
+    -> bool [..., 8] for each of ``n_highs``; the gains are computed once."""
     shape = wb.shape[:-1] + (N_GROUPS,)
-    if n_high == 0:
-        return torch.zeros(shape, dtype=torch.bool)
-    if n_high == N_GROUPS:
-        return torch.ones(shape, dtype=torch.bool)
-    lo = torch.clamp(wb.amin(-1), max=0)
-    hi = torch.clamp(wb.amax(-1), min=0)
-    d, z = grid_params(lo, hi)
-    _, w_low = round_to_grid(wb, torch.zeros((), dtype=torch.bool), d, z)
-    _, w_high = round_to_grid(wb, torch.ones((), dtype=torch.bool), d, z)
-    gain = imp * ((wb - w_low) ** 2 - (wb - w_high) ** 2)
-    gain = gain.reshape(shape + (GROUP,)).sum(-1)
-    top = torch.topk(gain, n_high, dim=-1).indices
-    return torch.zeros(shape, dtype=torch.bool).scatter_(-1, top, True)
+    gain = None
+    masks = []
+    for n_high in n_highs:
+        if n_high in (0, N_GROUPS):
+            masks.append(torch.full(shape, n_high == N_GROUPS, dtype=torch.bool))
+            continue
+        if gain is None:
+            lo = torch.clamp(wb.amin(-1), max=0)
+            hi = torch.clamp(wb.amax(-1), min=0)
+            d, z = grid_params(lo, hi)
+            w_high, w_low = round_both_ways(wb, d, z)
+            gain = imp * ((wb - w_low) ** 2 - (wb - w_high) ** 2)
+            gain = gain.reshape(shape + (GROUP,)).sum(-1)
+        top = torch.topk(gain, n_high, dim=-1).indices
+        masks.append(torch.zeros(shape, dtype=torch.bool).scatter_(-1, top, True))
+    return masks
+
+
+def choose_mask(wb: torch.Tensor, imp: torch.Tensor, n_high: int) -> torch.Tensor:
+    return choose_masks(wb, imp, [n_high])[0]
 
 
 def floored_importance(importance: torch.Tensor | None, like: torch.Tensor,
@@ -91,28 +112,40 @@ def floored_importance(importance: torch.Tensor | None, like: torch.Tensor,
     return imp + cfg.importance_floor * imp.mean().clamp_min(1e-30)
 
 
-def search_block_grid(wb: torch.Tensor, n_high: int, imp: torch.Tensor, cfg: RTNConfig = RTNConfig()):
-    """Per block [..., 64]: the high groups and the (d, z) among ``cfg.shrink`` x
-    ``cfg.shrink`` shrinkings of the block range with the smallest importance-weighted
-    squared rounding error -> (high groups bool [..., 8], d fp16 [...], z float [...])."""
-    high_g = choose_mask(wb, imp, n_high)
-    high = high_g.repeat_interleave(GROUP, dim=-1)
+def search_block_grids(wb: torch.Tensor, n_highs: list[int], imp: torch.Tensor,
+                       cfg: RTNConfig = RTNConfig()) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per block [..., 64] and member: the high groups and the (d, z) among ``cfg.shrink``
+    x ``cfg.shrink`` shrinkings of the block range with the smallest importance-weighted
+    squared rounding error -> [(high groups bool [..., 8], d fp16 [...], z float [...])]
+    for each of ``n_highs``.
+
+    A weight's rounding on a grid depends on the mask only through being high or low, so
+    one rounding of every weight both ways per shrinking serves every member (the
+    gradient estimator's candidates are six members of every weight)."""
+    masks = choose_masks(wb, imp, n_highs)
     lo0 = torch.clamp(wb.amin(-1), max=0)
     hi0 = torch.clamp(wb.amax(-1), min=0)
-    best = None
+    groups = wb.shape[:-1] + (N_GROUPS, GROUP)
+    best = [None] * len(masks)
     for a in cfg.shrink:
         for b in cfg.shrink:
             d, z = grid_params(lo0 * a, hi0 * b)
-            _, w_hat = round_to_grid(wb, high, d, z)
-            err = (imp * (wb - w_hat) ** 2).sum(-1)
-            if best is None:
-                best = [err, d, z]
-                continue
-            better = err < best[0]
-            best[0] = torch.where(better, err, best[0])
-            best[1] = torch.where(better, d, best[1])
-            best[2] = torch.where(better, z, best[2])
-    return high_g, best[1], best[2]
+            # per group: the error if the group is high, and if it is low
+            e_high, e_low = ((imp * (wb - w_hat) ** 2).reshape(groups).sum(-1)
+                             for w_hat in round_both_ways(wb, d, z))
+            for k, mask in enumerate(masks):
+                err = torch.where(mask, e_high, e_low).sum(-1)
+                if best[k] is None:
+                    best[k] = [err, d, z]
+                    continue
+                better = err < best[k][0]
+                best[k] = [torch.where(better, new, old) for new, old in zip((err, d, z), best[k])]
+    return [(mask, d, z) for mask, (_, d, z) in zip(masks, best)]
+
+
+def search_block_grid(wb: torch.Tensor, n_high: int, imp: torch.Tensor, cfg: RTNConfig = RTNConfig()):
+    """``search_block_grids`` for one member -> (high groups, d, z)."""
+    return search_block_grids(wb, [n_high], imp, cfg)[0]
 
 
 def codes_from_tensors(d: torch.Tensor, z: torch.Tensor, high_g: torch.Tensor, levels: torch.Tensor) -> Codes:
@@ -122,16 +155,24 @@ def codes_from_tensors(d: torch.Tensor, z: torch.Tensor, high_g: torch.Tensor, l
                  mask=mask.to(torch.uint8).numpy(), levels=levels.to(torch.uint8).numpy())
 
 
-def quantize_rtn(weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
-                 cfg: RTNConfig = RTNConfig()) -> Codes:
+def quantize_rtn_members(weight: torch.Tensor, n_highs: list[int], importance: torch.Tensor | None = None,
+                         cfg: RTNConfig = RTNConfig()) -> list[Codes]:
     """Round-to-nearest on the HIQ2 grid with an importance-weighted search of the
-    block range; the high groups are the ones importance says gain most."""
+    block range, for each member in ``n_highs`` (one shared search); the high groups
+    are the ones importance says gain most."""
     w = weight.detach().to(torch.float32)
     wb = _blocks(w)
     imp = _blocks(floored_importance(importance, w, cfg))
-    high_g, d, z = search_block_grid(wb, n_high, imp, cfg)
-    levels, _ = round_to_grid(wb, high_g.repeat_interleave(GROUP, dim=-1), d, z)
-    return codes_from_tensors(d, z, high_g, levels)
+    out = []
+    for high_g, d, z in search_block_grids(wb, n_highs, imp, cfg):
+        levels, _ = round_to_grid(wb, high_g.repeat_interleave(GROUP, dim=-1), d, z)
+        out.append(codes_from_tensors(d, z, high_g, levels))
+    return out
+
+
+def quantize_rtn(weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
+                 cfg: RTNConfig = RTNConfig()) -> Codes:
+    return quantize_rtn_members(weight, [n_high], importance, cfg)[0]
 
 
 def dequantize_torch(codes: Codes) -> torch.Tensor:

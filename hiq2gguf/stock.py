@@ -199,8 +199,9 @@ class StockCandidate:
     def bits(self, shape: tuple[int, int]) -> int:
         return shape[0] * self.qtype.row_bytes(shape[1]) * 8
 
-    def delta(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.roundtrip(name, w, self.qtype)[1] - w
+    @staticmethod
+    def deltas(cands: list[StockCandidate], name: str, w: torch.Tensor) -> list[torch.Tensor]:
+        return [c.quantizer.roundtrip(name, w, c.qtype)[1] - w for c in cands]
 
 
 def stock_candidates(shapes: dict[str, tuple[int, int]], quantizer: StockQuantizer, bpw: float,

@@ -369,8 +369,10 @@ class StreamedCalibration:
         """<g_l(s), Delta_(l,m)> for the layers of this block and their candidates,
         as ``sensitivity.GradientProjection`` computes them (Deltas rounded to bfloat16);
         each window's gradients from ``kept`` or computed again."""
+        from hiq2gguf.plan import layer_deltas
+
         layers = self.candidates.layers
-        deltas = {n: [c.delta(n, p.data).to(torch.bfloat16).to(torch.float32) for c in layers[n]]
+        deltas = {n: [d.to(torch.bfloat16).to(torch.float32) for d in layer_deltas(layers[n], n, p.data)]
                   for n, p in lin.items()}
         rows = []
         for s, (x, g_out) in enumerate(zip(h, dh)):

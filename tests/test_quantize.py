@@ -50,3 +50,31 @@ def test_importance_weighting_lowers_weighted_error():
     plain = dequantize_torch(quantize_rtn(w, 1)) - w
     weighted = dequantize_torch(quantize_rtn(w, 1, imp)) - w
     assert (imp * weighted ** 2).sum() < (imp * plain ** 2).sum()
+
+
+def test_members_share_one_range_search():
+    """Several members searched at once: each gets what searching it alone gives, and
+    every block's grid is the best of the shrinkings for that member's mask."""
+    from hiq2gguf.formats import GROUP
+    from hiq2gguf.quantize import (RTNConfig, _blocks, choose_mask, grid_params, quantize_rtn_members,
+                                   round_to_grid)
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 192, generator=g) * torch.rand(24, 1, generator=g)
+    imp = torch.rand(24, 192, generator=g) ** 4
+    cfg = RTNConfig(shrink=(1.0, 0.8, 0.6))
+    n_highs = [0, 1, 3, 8]
+    together = quantize_rtn_members(w, n_highs, imp, cfg)
+    wb, ib = _blocks(w), _blocks(imp)
+    lo, hi = torch.clamp(wb.amin(-1), max=0), torch.clamp(wb.amax(-1), min=0)
+    for n_high, codes in zip(n_highs, together):
+        alone = quantize_rtn(w, n_high, imp, cfg)
+        for f in ("d", "z", "mask", "levels"):
+            assert np.array_equal(getattr(codes, f), getattr(alone, f)), (n_high, f)
+        high = choose_mask(wb, ib, n_high).repeat_interleave(GROUP, dim=-1)
+        chosen = (ib * (wb - _blocks(dequantize_torch(codes))) ** 2).sum(-1)
+        for a in cfg.shrink:
+            for b in cfg.shrink:
+                _, w_hat = round_to_grid(wb, high, *grid_params(lo * a, hi * b))
+                assert (chosen <= (ib * (wb - w_hat) ** 2).sum(-1) * (1 + 1e-6)).all(), (n_high, a, b)
+    assert len({c.mask.tobytes() for c in together}) == len(n_highs)
