@@ -1,6 +1,7 @@
 """tools/compare_stock.py and tools/llamacpp.py: the stock curve our files are measured
 against, the mix syntax, and llama-quantize files read back (stored types, true bpw)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -82,3 +83,31 @@ def test_llama_quantize_q2_0_mix_read_back(tmp_path, tiny_llama_dir, runtime_lib
     assert stats["bpw"] == pytest.approx(bits / sum(r * c for r, c in conv.shapes.values()))
     assert llamacpp.seconds(out) is not None
     assert llamacpp.file_stats(out) == stats               # from the cache beside the file
+
+
+def test_streamed_comparison_makes_the_in_memory_files(tmp_path, tiny_llama_dir, runtime_lib, capsys):
+    """The whole benchmark on a tiny model, once in memory and once with --stream: the
+    same rows, our file byte for byte the same, and a rerun skips finished rows."""
+    common = ["--model", str(tiny_llama_dir), "--bpw", "2.75", "--methods", "rtn", "--stock", "Q4_0",
+              "--eval-windows", "1", "--calib-windows", "2", "--threads", "1",
+              "--workdir", str(tmp_path / "work")]
+    rows = {}
+    for mode, extra in (("memory", []), ("stream", ["--stream"])):
+        out = tmp_path / mode
+        assert compare_stock.main(common + extra + ["--outdir", str(out), "--json", str(out / "rows.json")]) == 0
+        data = json.loads((out / "rows.json").read_text())
+        rows[mode] = {r["name"]: r for r in data["rows"]}
+        assert list((out).glob("rows-*.png"))
+    assert set(rows["memory"]) == set(rows["stream"]) == {"reference", "Q4_0", "ours-rtn@2.75"}
+    ours = {m: rows[m]["ours-rtn@2.75"] for m in rows}
+    assert Path(ours["memory"]["file"]).read_bytes() == Path(ours["stream"]["file"]).read_bytes()
+    assert 2.5 < ours["stream"]["bpw"] <= 2.75 + 1e-9 and ours["stream"]["streamed"]
+    assert rows["stream"]["Q4_0"]["types"].get("Q4_0")
+    for r in rows["stream"].values():
+        assert 1 < r["ppl_boolq"] < 1e6 and 1 < r["ppl_lambada"] < 1e6
+    capsys.readouterr()
+    out = tmp_path / "stream"
+    assert compare_stock.main(common + ["--stream", "--outdir", str(out), "--json", str(out / "rows.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "quantizing" not in printed and "llama-quantize Q4_0" not in printed
+    assert "ours-rtn@2.75" in printed

@@ -210,13 +210,13 @@ class Results:
             tmp.write_text(json.dumps(self.data, indent=1))
 
 
-def f32_gguf(conv, model_name: str, log) -> tuple[Path, float | None]:
-    """The F32 GGUF of the float weights (shared with tools/bench_speed.py's cache);
-    -> (path, seconds it took to write, None if it was there)."""
+def f32_gguf(conv, model_name: str, log, workdir: Path | None = None) -> tuple[Path, float | None]:
+    """The F32 GGUF of the float weights (in ``workdir``, else shared with
+    tools/bench_speed.py's cache); -> (path, seconds it took to write, None if it was there)."""
     from bench_speed import bench_dir
     from hiq2gguf.writer import write_gguf
 
-    p = bench_dir(model_name) / "f32.gguf"
+    p = (workdir or bench_dir(model_name)) / "f32.gguf"
     if p.exists():
         return p, None
     log(f"writing {p}")
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", default=RATIOS_DEFAULT, help="candidate members, the same for every budget")
     ap.add_argument("--preset", default="fast", help="learned quantizers' settings (fast | paper)")
     ap.add_argument("--outdir", help="our GGUFs (default out/compare_stock/MODEL)")
+    ap.add_argument("--workdir", help="the shared intermediate files: F32 GGUF, importance matrix, stock "
+                                      "files, calibration (default: the bench cache, kept between runs)")
     ap.add_argument("--stream", action="store_true",
                     help="make ours block by block (hiq2gguf convert --stream, from a safetensors copy of "
                          "the model): for models whose weights, Fisher and candidates do not fit in memory "
@@ -296,7 +298,7 @@ def run(args) -> int:
                 "imatrix_chunks": args.calib_windows, "bench_version": BENCH_VERSION}
     results = Results(Path(args.json), model_name, settings)
     outdir = Path(args.outdir or f"out/compare_stock/{model_name}")
-    work = runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name
+    work = Path(args.workdir) if args.workdir else runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name
     work.mkdir(parents=True, exist_ok=True)
 
     cfg = ConvertConfig(bpw=budgets[0], method=methods[0] if methods else "gptq", preset=args.preset,
@@ -319,7 +321,7 @@ def run(args) -> int:
             f"lambada {row['ppl_lambada']:.3f}  {row['types']}")
 
     results.costs["runtime"] = str(llamacpp.tool("llama-quantize").parent)   # the build of the last run
-    f32, seconds = f32_gguf(conv, model_name, log)
+    f32, seconds = f32_gguf(conv, model_name, log, Path(args.workdir) if args.workdir else None)
     if seconds is not None:
         results.costs["f32_write_minutes"] = round(seconds / 60, 2)
     # --stream: from here on a safetensors copy is read block by block; the whole model
@@ -357,11 +359,11 @@ def run(args) -> int:
     # ours: one calibration, one plan per budget, every method on each plan
     todo = [(m, b) for m in methods for b in budgets if not results.has(our_name(m, b))]
     if todo and args.stream:
-        for m, b, path, minutes, report in ours_streamed(conv.cfg, stream_source, todo, outdir, work, results, log):
+        for m, b, path, minutes, made in ours_streamed(conv.cfg, stream_source, todo, outdir, work, results, log):
             add({"model": model_name, "name": our_name(m, b), "kind": "ours", "ours": True, **measure(path),
                  "minutes": minutes, "method": m, "budget": b, "streamed": True,
-                 "solver": {k: report.get("solver", {}).get(k) for k in ("status", "gap", "seconds")},
-                 "predicted_loss_increase": report.get("predicted_loss_increase")})
+                 "solver": {k: made.get("solver", {}).get(k) for k in ("status", "gap", "seconds")},
+                 "predicted_loss_increase": made.get("predicted_loss_increase")})
     elif todo:
         calib = conv.calibrate()
         results.costs["calibration_minutes"] = round(calib.seconds / 60, 2)
