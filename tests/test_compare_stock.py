@@ -111,3 +111,25 @@ def test_streamed_comparison_makes_the_in_memory_files(tmp_path, tiny_llama_dir,
     printed = capsys.readouterr().out
     assert "quantizing" not in printed and "llama-quantize Q4_0" not in printed
     assert "ours-rtn@2.75" in printed
+
+
+def test_runs_writing_one_json_keep_each_others_rows(tmp_path):
+    """Two runs at once on one --json (one per method on a big model): neither loses
+    the other's rows or costs, and settings that differ are refused."""
+    path = tmp_path / "rows.json"
+    settings = {"eval_windows": 8}
+    a = compare_stock.Results(path, "m", settings)
+    b = compare_stock.Results(path, "m", settings)
+    a.costs["imatrix_minutes"] = 3.0
+    a.add({"model": "m", "name": "reference", "ppl_boolq": 10.0})
+    b.costs["calibration_minutes"] = 12.0
+    b.add({"model": "m", "name": "ours-gptq@2.5", "ppl_boolq": 40.0})
+    a.add({"model": "m", "name": "IQ2_S", "ppl_boolq": 30.0})
+    data = json.loads(path.read_text())
+    assert [r["name"] for r in data["rows"]] == ["reference", "ours-gptq@2.5", "IQ2_S"]
+    assert data["costs"]["m"] == {"imatrix_minutes": 3.0, "calibration_minutes": 12.0}
+    assert a.has("ours-gptq@2.5") and b.has("reference")
+    again = compare_stock.Results(path, "m", settings)
+    assert again.has("IQ2_S") and again.all_costs()["calibration_minutes"] == 12.0
+    with pytest.raises(CompareError, match="other settings"):
+        compare_stock.Results(path, "m", {"eval_windows": 40})

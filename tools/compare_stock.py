@@ -178,22 +178,29 @@ def below_stock(ours: list[tuple[float, float]], front: list[tuple[float, float,
 
 # ---- the run -------------------------------------------------------------------------
 class Results:
-    """Rows and per-model settings/costs in ``--json``, saved after every row."""
+    """Rows and per-model settings/costs in ``--json``, saved after every row. Several
+    runs may write one file at once (e.g. one per method on a big model): each save
+    merges, under a lock, this run's rows and costs into what is on disk."""
 
     def __init__(self, path: Path, model: str, settings: dict):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {}
-        self.data.setdefault("rows", [])
-        self.data.setdefault("settings", {})
-        self.data.setdefault("costs", {})
+        self.model = model
+        self.settings = settings
+        self.costs: dict = {}
+        self._added: list[dict] = []
+        self.data = self._read()
         old = self.data["settings"].get(model)
         if old is not None and old != settings:
             diff = {k: (old.get(k), settings.get(k)) for k in settings if old.get(k) != settings.get(k)}
             raise CompareError(f"{path} holds {model} rows made with other settings {diff} "
                                f"(stored, now): use another --json")
-        self.data["settings"][model] = settings
-        self.model = model
-        self.costs = self.data["costs"].setdefault(model, {})
+        self.costs.update(self.data["costs"].get(model, {}))
+
+    def _read(self) -> dict:
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        for k, empty in (("rows", []), ("settings", {}), ("costs", {})):
+            data.setdefault(k, empty)
+        return data
 
     def rows(self) -> list[dict]:
         return [r for r in self.data["rows"] if r["model"] == self.model]
@@ -201,13 +208,28 @@ class Results:
     def has(self, name: str) -> bool:
         return any(r["name"] == name for r in self.rows())
 
+    def all_costs(self) -> dict:
+        """Costs on disk (other runs' too) with this run's."""
+        return {**self.data["costs"].get(self.model, {}), **self.costs}
+
     def add(self, row: dict) -> None:
-        self.data["rows"].append(row)
+        self._added.append(row)
         self.save()
 
     def save(self) -> None:
-        with atomic_output(self.path) as tmp:
-            tmp.write_text(json.dumps(self.data, indent=1))
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            have = {(r["model"], r["name"]) for r in data["rows"]}
+            data["rows"] += [r for r in self._added if (r["model"], r["name"]) not in have]
+            data["settings"][self.model] = self.settings
+            data["costs"].setdefault(self.model, {}).update(self.costs)
+            with atomic_output(self.path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1))
+            self.data = data
 
 
 def f32_gguf(conv, model_name: str, log, workdir: Path | None = None) -> tuple[Path, float | None]:
@@ -395,7 +417,7 @@ def run(args) -> int:
 
     rows = results.rows()
     print()
-    print(report(rows, results.costs, model_name, settings))
+    print(report(rows, results.all_costs(), model_name, settings))
     png = Path(args.png) if args.png else Path(args.json).with_name(f"{Path(args.json).stem}-{model_name}.png")
     plot(rows, png, model_name)
     print(f"wrote {args.json} ({len(rows)} rows of {model_name}) and {png}")
