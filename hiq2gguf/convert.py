@@ -74,21 +74,33 @@ class Conversion:
     quantizes and writes several files from one calibration (``restore`` puts the
     float weights back in between)."""
 
-    def __init__(self, cfg: ConvertConfig, model_ref: str | None = None):
+    def __init__(self, cfg: ConvertConfig, model_ref: str | None = None, weights: bool = True):
+        """``weights=False``: shapes, tokenizer and config only (the block-streamed path
+        reads weights itself); ``load_weights`` brings them in when a step needs them."""
         from converters import converter_for
         from hiq2gguf import model_io
 
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         self.source = model_io.resolve(model_ref)
-        _log(cfg, f"loading {self.source.path}")
-        self.model, self.tokenizer = model_io.load(self.source)
+        _log(cfg, f"loading {self.source.path}" + ("" if weights else " (shapes only)"))
+        self.model, self.tokenizer = model_io.load(self.source, weights)
         self.converter = converter_for(self.model.config)
         self.shapes = check_shapes(self.model, self.converter)
         add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
         self.bos = self.tokenizer.bos_token_id if add_bos else None
-        self._float = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._float = {n: p.detach().clone() for n, p in self.model.named_parameters()} if weights else {}
         self.checkpoints: Path | None = None    # OUT.partial/ when resumable (``convert``)
+
+    def load_weights(self) -> None:
+        """The weights (and their float copy), if this conversion was made without them."""
+        from hiq2gguf import model_io
+
+        if self.model is not None and not next(self.model.parameters()).is_meta:
+            return
+        _log(self.cfg, f"loading the weights of {self.source.path}")
+        self.model, _ = model_io.load(self.source)
+        self._float = {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
     def cache_key(self, *parts) -> str:
         """Hash of the source weights and ``parts`` (settings a cached result depends on)."""

@@ -71,8 +71,9 @@ def read_gguf_tokenizer(path: Path) -> dict:
     return out
 
 
-def load(source: ModelSource):
-    """-> (torch model in float32, tokenizer). Raises ModelSourceError / UnsupportedArchitecture."""
+def load(source: ModelSource, weights: bool = True):
+    """-> (torch model in float32, tokenizer). Raises ModelSourceError / UnsupportedArchitecture.
+    ``weights=False``: the model's skeleton on the meta device (shapes, no memory)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -98,7 +99,12 @@ def load(source: ModelSource):
             raise ModelSourceError(f"{root}: unreadable config: {e}") from e
         converter_for(config)  # fail fast on an unknown architecture, before loading weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, **kw)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, **kw)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root, **kw),
+                                                         dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(root, **kw)
     except (OSError, ValueError) as e:
         raise ModelSourceError(f"cannot load model from {source.path}: {e}") from e

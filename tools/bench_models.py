@@ -111,6 +111,10 @@ def resolve_model(ref: str, log=print) -> tuple[str, str | None]:
     return p.stem if p.is_file() else p.name, str(p)
 
 
+def safetensors_copy_path(gguf: Path) -> Path:
+    return Path(gguf).with_suffix(".hf")
+
+
 def safetensors_copy(model, tokenizer, gguf: Path, log=print) -> Path:
     """A Hugging Face directory (float32 safetensors) of a model loaded from ``gguf``,
     for the block-streamed conversion (``--stream`` reads safetensors, one block at a
@@ -118,7 +122,7 @@ def safetensors_copy(model, tokenizer, gguf: Path, log=print) -> Path:
     directory and renamed, so a crash leaves no half-written copy behind."""
     import shutil
 
-    out = Path(gguf).with_suffix(".hf")
+    out = safetensors_copy_path(gguf)
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")

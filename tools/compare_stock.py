@@ -60,7 +60,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import llamacpp  # noqa: E402  (llama-quantize, llama-imatrix, bpw and types of a file)
-from bench_models import FETCHED, ModelFetchError, resolve_model, safetensors_copy  # noqa: E402
+from bench_models import (FETCHED, ModelFetchError, resolve_model, safetensors_copy,  # noqa: E402
+                          safetensors_copy_path)
 from hiq2gguf import runtime  # noqa: E402
 from hiq2gguf.gguf_io import atomic_output  # noqa: E402
 
@@ -241,8 +242,9 @@ def f32_gguf(conv, model_name: str, log, workdir: Path | None = None) -> tuple[P
     p = (workdir or bench_dir(model_name)) / "f32.gguf"
     if p.exists():
         return p, None
-    log(f"writing {p}")
     t0 = time.monotonic()
+    conv.load_weights()
+    log(f"writing {p}")
     p.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(p, conv.converter, conv.model, conv.source, conv.tokenizer, {}, {}, {"bench": "f32"})
     return p, time.monotonic() - t0
@@ -327,7 +329,10 @@ def run(args) -> int:
                         evaluate=False, threads=args.threads, eval_windows=args.eval_windows,
                         calib_windows=args.calib_windows, ratio_strategy="optimized",
                         ratio=RatioConfig(estimator=args.estimator, ratios=args.ratios))
-    conv = Conversion(cfg, model_ref)
+    if (args.stream and model_ref is not None and Path(model_ref).is_file()
+            and (safetensors_copy_path(model_ref) / "config.json").is_file()):
+        model_ref = str(safetensors_copy_path(model_ref))    # the same model, read in seconds
+    conv = Conversion(cfg, model_ref, weights=not args.stream)    # --stream: weights only if a step needs them
     log(f"{model_name}: {len(conv.shapes)} linear weights")
     windows = {t: conv.text_windows(t) for t in TEXTS}
 
@@ -431,7 +436,11 @@ def streamed_source(conv, log):
 
     source = conv.source
     if source.gguf_path is not None:
-        source = model_io.resolve(str(safetensors_copy(conv.model, conv.tokenizer, source.gguf_path, log)))
+        copy = safetensors_copy_path(source.gguf_path)
+        if not (copy / "config.json").is_file():
+            conv.load_weights()
+            safetensors_copy(conv.model, conv.tokenizer, source.gguf_path, log)
+        source = model_io.resolve(str(copy))
     conv.unload()
     return source
 
