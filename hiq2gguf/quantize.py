@@ -126,15 +126,18 @@ def search_block_grids(wb: torch.Tensor, n_highs: list[int], imp: torch.Tensor,
     lo0 = torch.clamp(wb.amin(-1), max=0)
     hi0 = torch.clamp(wb.amax(-1), min=0)
     groups = wb.shape[:-1] + (N_GROUPS, GROUP)
+    alone = masks[0].repeat_interleave(GROUP, dim=-1) if len(masks) == 1 else None
     best = [None] * len(masks)
     for a in cfg.shrink:
         for b in cfg.shrink:
             d, z = grid_params(lo0 * a, hi0 * b)
-            # per group: the error if the group is high, and if it is low
-            e_high, e_low = ((imp * (wb - w_hat) ** 2).reshape(groups).sum(-1)
-                             for w_hat in round_both_ways(wb, d, z))
-            for k, mask in enumerate(masks):
-                err = torch.where(mask, e_high, e_low).sum(-1)
+            if alone is not None:       # one member (GPTQ, the final RTN): its own mask, half the work
+                errs = [(imp * (wb - round_to_grid(wb, alone, d, z)[1]) ** 2).sum(-1)]
+            else:                       # per group: the error if the group is high, and if it is low
+                e_high, e_low = ((imp * (wb - w_hat) ** 2).reshape(groups).sum(-1)
+                                 for w_hat in round_both_ways(wb, d, z))
+                errs = [torch.where(mask, e_high, e_low).sum(-1) for mask in masks]
+            for k, err in enumerate(errs):
                 if best[k] is None:
                     best[k] = [err, d, z]
                     continue
