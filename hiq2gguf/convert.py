@@ -89,7 +89,7 @@ class Conversion:
         self.shapes = check_shapes(self.model, self.converter)
         add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
         self.bos = self.tokenizer.bos_token_id if add_bos else None
-        self._float = {n: p.detach().clone() for n, p in self.model.named_parameters()} if weights else {}
+        self._float = self._float_copy() if weights else {}
         self.checkpoints: Path | None = None    # OUT.partial/ when resumable (``convert``)
 
     def load_weights(self) -> None:
@@ -100,7 +100,10 @@ class Conversion:
             return
         _log(self.cfg, f"loading the weights of {self.source.path}")
         self.model, _ = model_io.load(self.source)
-        self._float = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._float = self._float_copy()
+
+    def _float_copy(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
     def cache_key(self, *parts) -> str:
         """Hash of the source weights and ``parts`` (settings a cached result depends on)."""

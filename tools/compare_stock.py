@@ -322,7 +322,8 @@ def run(args) -> int:
                 "imatrix_chunks": args.calib_windows, "bench_version": BENCH_VERSION}
     results = Results(Path(args.json), model_name, settings)
     outdir = Path(args.outdir or f"out/compare_stock/{model_name}")
-    work = Path(args.workdir) if args.workdir else runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name
+    workdir = Path(args.workdir) if args.workdir else None
+    work = workdir or runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name
     work.mkdir(parents=True, exist_ok=True)
 
     cfg = ConvertConfig(bpw=budgets[0], method=methods[0] if methods else "gptq", preset=args.preset,
@@ -348,7 +349,7 @@ def run(args) -> int:
             f"lambada {row['ppl_lambada']:.3f}  {row['types']}")
 
     results.costs["runtime"] = str(llamacpp.tool("llama-quantize").parent)   # the build of the last run
-    f32, seconds = f32_gguf(conv, model_name, log, Path(args.workdir) if args.workdir else None)
+    f32, seconds = f32_gguf(conv, model_name, log, workdir)
     if seconds is not None:
         results.costs["f32_write_minutes"] = round(seconds / 60, 2)
     # --stream: from here on a safetensors copy is read block by block; the whole model
