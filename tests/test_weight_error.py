@@ -49,3 +49,10 @@ def test_measure_and_report_on_a_random_weight(runtime_lib):
     front = stock_front([(b, e, n) for n, (b, e) in res.items() if not n.startswith("HIQ2")])
     from compare_stock import stock_at
     assert float(h2.split()[4]) == pytest.approx(err["HIQ2_H2"] / stock_at(front, 3.0)[0], abs=1e-3)
+
+
+def test_bad_arguments_fail_before_any_work(capsys):
+    assert weight_error.main(["--ours", "9"]) == 2
+    assert "not HIQ2 members" in capsys.readouterr().err
+    assert weight_error.main(["--stock", "Q9_K"]) == 2
+    assert "unknown Q9_K" in capsys.readouterr().err

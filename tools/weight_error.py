@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llamacpp  # noqa: E402
+from bench_speed import bench_dir  # noqa: E402
 from bench_models import resolve_model  # noqa: E402
 from compare_stock import BENCH_VERSION, f32_gguf, stock_at, stock_front  # noqa: E402
 
@@ -76,12 +77,9 @@ def load_inputs(model: str, names: list[str], rows: int, threads: int, log):
     from hiq2gguf.convert import Conversion, ConvertConfig
 
     model_name, ref = resolve_model(model, log)
-    conv = None
-    from bench_speed import bench_dir
     f32 = bench_dir(model_name) / "f32.gguf"
-    if not f32.exists():
-        conv = Conversion(ConvertConfig(evaluate=False), ref, weights=False)
-        f32, _ = f32_gguf(conv, model_name, log)
+    if not f32.exists():                            # compare_stock's, shared with bench_speed
+        f32, _ = f32_gguf(Conversion(ConvertConfig(evaluate=False), ref, weights=False), model_name, log)
     imatrix = runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name / "imatrix-16.gguf"
     if not imatrix.exists():
         log(f"llama-imatrix: 16 x 512 tokens of the calibration text -> {imatrix}")
@@ -181,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     formats.register_with_gguf()
     torch.set_num_threads(args.threads)
-    model_name, inputs = load_inputs(args.model, names, args.rows or 1 << 62, args.threads, log)
+    try:
+        model_name, inputs = load_inputs(args.model, names, args.rows or 1 << 62, args.threads, log)
+    except WeightErrorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     per_weight = {}
     for n, (w, imp) in inputs.items():
         per_weight[n] = measure(w, imp, stock, ours, args.threads)
