@@ -164,9 +164,9 @@ def test_mixed_row_sizes_plan(tmp_path, smollm_tokenizer, runtime_lib):
                         calib_ctx=64, evaluate=False, progress=False,
                         ratio=RatioConfig(estimator="loss", cache=False))
     report = convert(cfg, tmp_path / "m.gguf", str(model_dir))
-    lin = [t for t in inspect_gguf(tmp_path / "m.gguf")["tensors"]
-           if t["name"].startswith("blk.") and len(t["shape"]) == 2]
-    assert len(lin) == 14 and report["bpw"] <= 4.2
+    info = inspect_gguf(tmp_path / "m.gguf")
+    lin = [t for t in info["tensors"] if t["linear"]]
+    assert len(lin) == 14 and report["bpw"] <= 4.2 and info["bpw"] == pytest.approx(report["bpw"])
     for t in lin:
         allowed = {"Q2_K", "Q3_K", "Q4_0", "Q5_0"} if t["shape"][1] % 256 == 0 else {"Q4_0", "Q5_0"}
         assert t["type"] in allowed, t

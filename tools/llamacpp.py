@@ -97,8 +97,7 @@ def _sidecar(path: Path, suffix: str) -> Path:
 
 
 def file_stats(path: Path) -> dict:
-    """{bpw: bits per weight of the stored linear weights (blk.* 2-D tensors, every byte
-    counted), file_bpw: file bytes x 8 / all parameters, types: {stored type: count of
+    """{bpw: bits per weight of the stored linear weights (inspect_gguf's), file_bpw: file bytes x 8 / all parameters, types: {stored type: count of
     linear weights}}; cached beside the file (reading a GGUF's tokenizer arrays in
     Python takes seconds)."""
     from hiq2gguf.inspect import inspect_gguf
@@ -110,8 +109,8 @@ def file_stats(path: Path) -> dict:
         if c.get("mtime_ns") == stamp and "types" in c:
             return {k: c[k] for k in ("bpw", "file_bpw", "types")}
     info = inspect_gguf(path)
-    ts = [t for t in info["tensors"] if t["name"].startswith("blk.") and len(t["shape"]) == 2]
-    stats = {"bpw": sum(t["bytes"] for t in ts) * 8 / sum(t["elements"] for t in ts),
+    ts = [t for t in info["tensors"] if t["linear"]]
+    stats = {"bpw": info["bpw"],
              "file_bpw": info["file_bpw"],
              "types": dict(Counter(t["type"] for t in ts))}
     with atomic_output(cache) as tmp:
