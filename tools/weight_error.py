@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llamacpp  # noqa: E402
+from format_lab import parse_layouts  # noqa: E402
 from bench_speed import bench_dir  # noqa: E402
 from bench_models import resolve_model  # noqa: E402
 from compare_stock import BENCH_VERSION, f32_gguf, stock_at, stock_front  # noqa: E402
@@ -101,8 +102,10 @@ def load_inputs(model: str, names: list[str], rows: int, threads: int, log):
     return model_name, out
 
 
-def measure(w: np.ndarray, imp: np.ndarray, stock: list[StockType], ours: list[int], threads: int) -> dict:
-    """-> {type name: (bpw, error)} for one weight; stock types its rows do not fit are left out."""
+def measure(w: np.ndarray, imp: np.ndarray, stock: list[StockType], ours: list[int], threads: int,
+            lab: list | None = None) -> dict:
+    """-> {type name: (bpw, error)} for one weight; stock types its rows do not fit are left out.
+    ``lab``: candidate layouts of tools/format_lab.py, measured like our members."""
     res = {}
     lib = ggml()
     for t in stock:
@@ -116,6 +119,8 @@ def measure(w: np.ndarray, imp: np.ndarray, stock: list[StockType], ours: list[i
         qt = formats.get_type(h + formats.FIRST_TYPE_ID)
         q = dequantize_torch(quantize_rtn(wt, h, it)).numpy()
         res[qt.name] = (qt.bpw, relative_error(w, q, imp))
+    for lay in lab or []:
+        res[lay.name] = (lay.bpw, relative_error(w, lay.quantize(wt, torch.from_numpy(imp)).numpy(), imp))
     return res
 
 
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=512, help="first rows of each weight (0: all)")
     ap.add_argument("--stock", default=STOCK_DEFAULT)
     ap.add_argument("--ours", default=OURS_DEFAULT, help="HIQ2 members by number of high groups")
+    ap.add_argument("--lab", help="candidate layouts of tools/format_lab.py to measure too (names, or all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the per-weight results here")
     args = ap.parse_args(argv)
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad := [h for h in ours if not 0 <= h <= formats.N_GROUPS]:
             raise WeightErrorError(f"--ours: {bad} are not HIQ2 members (0..{formats.N_GROUPS})")
         stock = parse_stock_types(args.stock)      # an unknown name fails here, before any work
+        lab = parse_layouts(args.lab)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -186,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     per_weight = {}
     for n, (w, imp) in inputs.items():
-        per_weight[n] = measure(w, imp, stock, ours, args.threads)
+        per_weight[n] = measure(w, imp, stock, ours, args.threads, lab)
         log(f"{n} {tuple(w.shape)}: " + "  ".join(f"{k} {e:.4f}" for k, (_, e) in per_weight[n].items()))
-    print(report(per_weight, model_name, {formats.get_type(h + formats.FIRST_TYPE_ID).name for h in ours}))
+    ours_names = {formats.get_type(h + formats.FIRST_TYPE_ID).name for h in ours} | {lay.name for lay in lab}
+    print(report(per_weight, model_name, ours_names))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model_name, "rows": args.rows, "weights": {
             n: {k: {"bpw": b, "error": e} for k, (b, e) in r.items()} for n, r in per_weight.items()}}, indent=1))
