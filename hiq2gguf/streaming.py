@@ -400,7 +400,8 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     entries (see the module docstring). The block-streamed calibration (Fisher, the
     gradient estimator's rows) goes under ``calib_dir``, OUT.partial/ by default (then
     it goes with it): files of several budgets made from one model can share it, since
-    it is keyed by the source, the calibration windows and the candidate members."""
+    it is keyed by the source, the calibration windows and the candidate members; the
+    plan of each budget is kept there too, so every method of a budget uses one plan."""
     from transformers import AutoTokenizer
 
     from hiq2gguf import data
@@ -445,7 +446,10 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     report["calibration"] = {"text": "boolq/calibration", "windows": len(windows), "ctx": cfg.calib_ctx,
                              "seconds": round(calib_seconds, 1)}
 
-    plan_path = root / f"plan-{key_of(src, cfg.threads, 'plan', windows, cfg.bpw, cfg.ratio_strategy, repr(cfg.ratio))}.json"
+    # beside the calibration: files of one budget made by different methods share the plan
+    # (with a solver time limit two solves of the same M may differ, and the methods would
+    # then be compared on different mixes)
+    plan_path = base / f"plan-{key_of(src, cfg.threads, 'plan', windows, cfg.bpw, cfg.ratio_strategy, repr(cfg.ratio))}.json"
     if plan_path.exists():
         from hiq2gguf.formats import get_type
         saved = json.loads(plan_path.read_text())

@@ -266,6 +266,14 @@ def test_budgets_share_one_streamed_calibration(four_block_llama, tmp_path, monk
     monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache2"))
     convert(replace(cfg, bpw=3.0), tmp_path / "own.gguf", str(four_block_llama))
     assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "own.gguf").read_bytes()
+    # one plan per budget, kept beside the calibration: another method at 3.0 solves nothing
+    assert len(list(shared.glob("plan-*.json"))) == 2
+    monkeypatch.setattr("hiq2gguf.plan.solve_plan", lambda *a, **k: pytest.fail("solved the plan again"))
+    c = convert_streaming(replace(cfg, bpw=3.0, method="gptq"), tmp_path / "c.gguf", source, print,
+                          calib_dir=shared)
+    from hiq2gguf.inspect import inspect_gguf
+    types = {p: [t["type"] for t in inspect_gguf(tmp_path / p)["tensors"]] for p in ("b.gguf", "c.gguf")}
+    assert types["b.gguf"] == types["c.gguf"] and c["solver"] == b["solver"]
 
 
 def test_safetensors_copy_of_a_gguf_streams_the_same_weights(tmp_path, monkeypatch):
