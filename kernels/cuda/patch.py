@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
@@ -108,47 +107,12 @@ EDITS: dict[str, list[Edit]] = {
     ],
 }
 
-STAMP_FILE = "ggml/src/ggml-cuda/mmvq.cu"
-STAMP_TEXT = INCLUDE
+PATCH = _g.SourcePatch("HIQ2 CUDA", EDITS, SOURCES, HERE, stamp_file="ggml/src/ggml-cuda/mmvq.cu",
+                       stamp_text=INCLUDE)
 
 
 def is_patched(root: Path) -> bool:
-    p = Path(root) / STAMP_FILE
-    return p.exists() and STAMP_TEXT in p.read_text(encoding="utf-8")
-
-
-def _plan(root: Path) -> dict[Path, str]:
-    out: dict[Path, str] = {}
-    problems: list[str] = []
-    for rel, edits in EDITS.items():
-        path = root / rel
-        if not path.exists():
-            problems.append(f"{rel}: file missing")
-            continue
-        text = path.read_text(encoding="utf-8")
-        if MARK in text:
-            problems.append(f"{rel}: already contains '{MARK}' edits but {STAMP_FILE} is not patched")
-            continue
-        for e in edits:
-            n = text.count(e.anchor)
-            if n != e.count:
-                problems.append(f"{rel}: anchor {e.anchor.strip().splitlines()[0]!r} found {n} times, "
-                                f"expected {e.count}")
-                continue
-            text = text.replace(e.anchor, e.replacement)
-        out[path] = text
-    if problems:
-        raise PatchError("cannot apply the HIQ2 CUDA patch to " + str(root) + ":\n  " + "\n  ".join(problems))
-    return out
-
-
-def copy_sources(root: Path) -> None:
-    for src, dst in SOURCES:
-        s, d = HERE / src, root / dst
-        if not s.exists():
-            raise PatchError(f"kernel source missing: {s}")
-        if not d.exists() or d.read_bytes() != s.read_bytes():
-            shutil.copyfile(s, d)
+    return PATCH.is_patched(root)
 
 
 def apply(root: str | Path, verbose: bool = True) -> bool:
@@ -158,18 +122,7 @@ def apply(root: str | Path, verbose: bool = True) -> bool:
         raise PatchError(f"{root}: apply kernels/ggml/patch.py first (the CUDA kernels need the HIQ2 types)")
     if not (root / "ggml" / "src" / "ggml-cuda").is_dir():
         raise PatchError(f"{root} has no ggml/src/ggml-cuda")
-    if is_patched(root):
-        copy_sources(root)
-        if verbose:
-            print(f"[patch-cuda] {root}: already patched; sources refreshed")
-        return False
-    plan = _plan(root)
-    copy_sources(root)
-    for path, text in plan.items():
-        path.write_text(text, encoding="utf-8")
-    if verbose:
-        print(f"[patch-cuda] {root}: applied {sum(len(v) for v in EDITS.values())} edits in {len(plan)} files")
-    return True
+    return PATCH.write(root, verbose, "patch-cuda")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,52 +166,83 @@ EDITS: dict[str, list[Edit]] = {
     ],
 }
 
-# files whose patched state is recognised by this line
-STAMP_FILE = "ggml/include/ggml.h"
-STAMP_TEXT = f"GGML_TYPE_HIQ2_H0 = {FIRST_ID}, // {MARK}"
+@dataclass(frozen=True)
+class SourcePatch:
+    """One backend's patch: exact-anchor edits of llama.cpp files plus kernel sources
+    copied in (this CPU one, and kernels/cuda/patch.py's). Its patched state is
+    recognised by ``stamp_text`` in ``stamp_file``."""
+
+    name: str                                   # in messages: "HIQ2", "HIQ2 CUDA"
+    edits: dict[str, list[Edit]]
+    sources: list[tuple[str, str]]              # (file beside ``here``, destination in the tree)
+    here: Path
+    stamp_file: str
+    stamp_text: str
+
+    def is_patched(self, root: Path) -> bool:
+        p = Path(root) / self.stamp_file
+        return p.exists() and self.stamp_text in p.read_text(encoding="utf-8")
+
+    def plan(self, root: Path) -> dict[Path, str]:
+        """Compute the new content of every edited file; raise before writing anything."""
+        out: dict[Path, str] = {}
+        problems: list[str] = []
+        for rel, edits in self.edits.items():
+            path = root / rel
+            if not path.exists():
+                problems.append(f"{rel}: file missing")
+                continue
+            text = path.read_text(encoding="utf-8")
+            if MARK in text:
+                problems.append(f"{rel}: already contains '{MARK}' edits but {self.stamp_file} is not patched "
+                                "(half-patched tree? start from a pristine source)")
+                continue
+            for e in edits:
+                n = text.count(e.anchor)
+                if n != e.count:
+                    first = e.anchor.strip().splitlines()[0]
+                    problems.append(f"{rel}: anchor {first!r} found {n} times, expected {e.count}")
+                    continue
+                text = text.replace(e.anchor, e.replacement)
+            out[path] = text
+        if problems:
+            raise PatchError(f"cannot apply the {self.name} patch to {root}:\n  " + "\n  ".join(problems))
+        return out
+
+    def copy_sources(self, root: Path) -> None:
+        for src, dst in self.sources:
+            s = self.here / src
+            if not s.exists():
+                raise PatchError(f"kernel source missing: {s}")
+            d = root / dst
+            # only rewrite when changed, so ninja/ccache see unchanged mtimes
+            if not d.exists() or d.read_bytes() != s.read_bytes():
+                shutil.copyfile(s, d)
+
+    def write(self, root: Path, verbose: bool, tag: str) -> bool:
+        """Apply to a checked tree: True if edits were made, False if it was already
+        patched (the sources are copied again either way, so kernel edits reach the build)."""
+        if self.is_patched(root):
+            self.copy_sources(root)
+            if verbose:
+                print(f"[{tag}] {root}: already patched; sources refreshed")
+            return False
+        plan = self.plan(root)
+        self.copy_sources(root)
+        for path, text in plan.items():
+            path.write_text(text, encoding="utf-8")
+        if verbose:
+            n = sum(len(v) for v in self.edits.values())
+            print(f"[{tag}] {root}: applied {n} edits in {len(plan)} files, copied {len(self.sources)} sources")
+        return True
+
+
+PATCH = SourcePatch("HIQ2", EDITS, SOURCES, HERE, stamp_file="ggml/include/ggml.h",
+                    stamp_text=f"GGML_TYPE_HIQ2_H0 = {FIRST_ID}, // {MARK}")
 
 
 def is_patched(root: Path) -> bool:
-    p = Path(root) / STAMP_FILE
-    return p.exists() and STAMP_TEXT in p.read_text(encoding="utf-8")
-
-
-def _plan(root: Path) -> dict[Path, str]:
-    """Compute the new content of every edited file; raise before writing anything."""
-    out: dict[Path, str] = {}
-    problems: list[str] = []
-    for rel, edits in EDITS.items():
-        path = root / rel
-        if not path.exists():
-            problems.append(f"{rel}: file missing")
-            continue
-        text = path.read_text(encoding="utf-8")
-        if MARK in text:
-            problems.append(f"{rel}: already contains '{MARK}' edits but {STAMP_FILE} is not patched "
-                            "(half-patched tree? start from a pristine source)")
-            continue
-        for e in edits:
-            n = text.count(e.anchor)
-            if n != e.count:
-                first = e.anchor.strip().splitlines()[0]
-                problems.append(f"{rel}: anchor {first!r} found {n} times, expected {e.count}")
-                continue
-            text = text.replace(e.anchor, e.replacement)
-        out[path] = text
-    if problems:
-        raise PatchError("cannot apply the HIQ2 patch to " + str(root) + ":\n  " + "\n  ".join(problems))
-    return out
-
-
-def copy_sources(root: Path) -> None:
-    for src, dst in SOURCES:
-        s = HERE / src
-        if not s.exists():
-            raise PatchError(f"kernel source missing: {s}")
-        d = root / dst
-        # only rewrite when changed, so ninja/ccache see unchanged mtimes
-        if not d.exists() or d.read_bytes() != s.read_bytes():
-            shutil.copyfile(s, d)
+    return PATCH.is_patched(root)
 
 
 def apply(root: str | Path, verbose: bool = True) -> bool:
@@ -219,19 +250,7 @@ def apply(root: str | Path, verbose: bool = True) -> bool:
     root = Path(root).resolve()
     if not (root / "ggml" / "include" / "ggml.h").exists():
         raise PatchError(f"{root} does not look like a llama.cpp tree (no ggml/include/ggml.h)")
-    if is_patched(root):
-        copy_sources(root)
-        if verbose:
-            print(f"[patch] {root}: already patched; sources refreshed")
-        return False
-    plan = _plan(root)
-    copy_sources(root)
-    for path, text in plan.items():
-        path.write_text(text, encoding="utf-8")
-    if verbose:
-        n = sum(len(v) for v in EDITS.values())
-        print(f"[patch] {root}: applied {n} edits in {len(plan)} files, copied {len(SOURCES)} sources")
-    return True
+    return PATCH.write(root, verbose, "patch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_patched(root):
                 print("patched")
             else:
-                _plan(root.resolve())
+                PATCH.plan(root.resolve())
                 print("pristine (patch applies cleanly)")
             return 0
         apply(root)
