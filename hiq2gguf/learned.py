@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from hiq2gguf.formats import GROUP, LOW_STEP, Codes, high_group_flags
 from hiq2gguf.gptq import GPTQ
-from hiq2gguf.quantize import (_blocks, codes_from_tensors, dequantize_torch, floored_importance,
+from hiq2gguf.quantize import (RTNConfig, _blocks, codes_from_tensors, dequantize_torch, floored_importance,
                                grid_params, round_to_grid, search_block_grid)
 
 # AdaRound's rectified sigmoid stretches sigmoid to (GAMMA, ZETA) and clips to [0, 1]
@@ -92,8 +92,11 @@ class LWC(LearnedQuantizer):
         self._gen = torch.Generator().manual_seed(seed)
         wb = _blocks(weight.detach().to(torch.float32))
         imp = _blocks(floored_importance(importance, weight.detach().to(torch.float32)))
-        # start from the importance-weighted range search of RTN
-        high_g, d, z = search_block_grid(wb, n_high, imp)
+        # start from the importance-weighted range search of RTN, without its least-squares
+        # refit: trained from the refitted grid (a least-squares optimum in weight space)
+        # the noisy steps end worse than they start, from the searched one they end better
+        # (tests/test_quantizers.py)
+        high_g, d, z = search_block_grid(wb, n_high, imp, RTNConfig(refits=0))
         super().__init__(weight, high_g)
         self.register_buffer("lo0", torch.clamp(wb.amin(-1), max=0))
         self.register_buffer("hi0", torch.clamp(wb.amax(-1), min=0))

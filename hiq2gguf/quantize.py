@@ -28,6 +28,7 @@ DEFAULT_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6)
 class RTNConfig:
     shrink: tuple[float, ...] = DEFAULT_SHRINK
     importance_floor: float = 1e-3   # x mean importance, so no weight is ignored entirely
+    refits: int = 2                  # least-squares refits of the searched grid (refit_grid)
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -116,8 +117,8 @@ def search_block_grids(wb: torch.Tensor, n_highs: list[int], imp: torch.Tensor,
                        cfg: RTNConfig = RTNConfig()) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per block [..., 64] and member: the high groups and the (d, z) among ``cfg.shrink``
     x ``cfg.shrink`` shrinkings of the block range with the smallest importance-weighted
-    squared rounding error -> [(high groups bool [..., 8], d fp16 [...], z float [...])]
-    for each of ``n_highs``.
+    squared rounding error, refitted (``refit_grid``) -> [(high groups bool [..., 8],
+    d fp16 [...], z float [...])] for each of ``n_highs``.
 
     A weight's rounding on a grid depends on the mask only through being high or low, so
     one rounding of every weight both ways per shrinking serves every member (the
@@ -143,7 +144,36 @@ def search_block_grids(wb: torch.Tensor, n_highs: list[int], imp: torch.Tensor,
                     continue
                 better = err < best[k][0]
                 best[k] = [torch.where(better, new, old) for new, old in zip((err, d, z), best[k])]
-    return [(mask, d, z) for mask, (_, d, z) in zip(masks, best)]
+    return [(mask, *refit_grid(wb, imp, mask, d, z, err, cfg.refits)) for mask, (err, d, z) in zip(masks, best)]
+
+
+def refit_grid(wb: torch.Tensor, imp: torch.Tensor, high_g: torch.Tensor, d: torch.Tensor, z: torch.Tensor,
+               err: torch.Tensor, refits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Improve a searched grid (d, z) [...] of blocks ``wb`` [..., 64] whose weighted
+    error is ``err``: with the levels L it rounds to held fixed, the best affine map
+    ``w ~ a L + b`` is a weighted least-squares fit per block (what the shrink search
+    only samples); (d, z) = (fp16(a), 16 (-b / d)) is kept where it rounds with less
+    error. ``refits`` rounds of this; -> (d, z)."""
+    high = high_g.repeat_interleave(GROUP, dim=-1)
+    for _ in range(refits):
+        L, _ = round_to_grid(wb, high, d, z)
+        sw, sl, sll = imp.sum(-1), (imp * L).sum(-1), (imp * L * L).sum(-1)
+        sx, slx = (imp * wb).sum(-1), (imp * L * wb).sum(-1)
+        det = sw * sll - sl * sl
+        ok = det > 1e-12 * sw * sll                  # a block on one level has no slope to fit
+        safe = torch.where(ok, det, torch.ones_like(det))
+        a = (sw * slx - sl * sx) / safe
+        b = (sll * sx - sl * slx) / safe
+        a16 = a.to(torch.float16).to(torch.float32)     # the scale as stored: finite, above 0
+        ok &= torch.isfinite(a16) & (a16 > 0)
+        d_new = torch.where(ok, a, d.to(torch.float32)).to(torch.float16)
+        z_new = torch.clamp(torch.floor(-b / torch.where(ok, d_new.to(torch.float32), torch.ones_like(b)) * 16 + 0.5),
+                            0, 255)
+        z_new = torch.where(ok, z_new, z)
+        e_new = (imp * (wb - round_to_grid(wb, high, d_new, z_new)[1]) ** 2).sum(-1)
+        better = e_new < err
+        d, z, err = torch.where(better, d_new, d), torch.where(better, z_new, z), torch.minimum(e_new, err)
+    return d, z
 
 
 def search_block_grid(wb: torch.Tensor, n_high: int, imp: torch.Tensor, cfg: RTNConfig = RTNConfig()):

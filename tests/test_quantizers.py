@@ -55,9 +55,10 @@ def out_err(Wq, W, X):
 
 
 # (method, AdaRound also on the low groups, high groups per block, the share of RTN's
-# output error it must stay below): LWC only moves 2 range ends per block; AdaRound on
-# the high groups alone (the paper's split) learns 2 of 8 groups here
-CASES = [("lwc", False, 0, 0.99), ("lwc", False, 2, 0.99),
+# output error it must stay below): LWC only moves 2 range ends per block, against an RTN
+# whose grid is already a weighted least-squares fit (quantize.refit_grid): 0.6-0.9 % here;
+# AdaRound on the high groups alone (the paper's split) learns 2 of 8 groups here
+CASES = [("lwc", False, 0, 0.995), ("lwc", False, 2, 0.995),
          ("adaround", False, 2, 0.96), ("adaround", True, 0, 0.85), ("adaround", True, 2, 0.85),
          ("hybrid-lwc", False, 2, 0.96), ("hybrid-lwc", True, 0, 0.85), ("hybrid-lwc", True, 2, 0.85),
          ("hybrid", False, 2, 0.8), ("hybrid", True, 2, 0.85)]
