@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call
+from transformers.cache_utils import Cache
 from tqdm import tqdm
 
 from hiq2gguf.formats import Codes, HIQ2Type
@@ -70,8 +71,11 @@ def capture_block_inputs(model, windows: list[list[int]]) -> tuple[list[torch.Te
             if i == 0:
                 inputs.append(hidden)
             if i not in kwargs:
+                # no KV cache: blocks run window after window (and backward) on these
+                # arguments; transformers names it past_key_value(s), or cache from 5.24
                 kwargs[i] = {k: v for k, v in kw.items()
-                             if k not in ("hidden_states", "past_key_values", "past_key_value")}
+                             if k != "hidden_states" and not isinstance(v, Cache)
+                             and k not in ("past_key_values", "past_key_value", "cache")}
                 kwargs[i]["use_cache"] = False
             if i == len(blocks) - 1 or len(kwargs) == len(blocks):
                 raise _Stop                 # the rest (final norm, head) is not needed
@@ -84,7 +88,7 @@ def capture_block_inputs(model, windows: list[list[int]]) -> tuple[list[torch.Te
     try:
         for w in windows:
             try:
-                model(input_ids=torch.tensor([w]))
+                model(input_ids=torch.tensor([w]), use_cache=False)
             except _Stop:
                 pass
     finally:
