@@ -233,6 +233,16 @@ class Results:
             self.data = data
 
 
+def work_dir(model_name: str) -> Path:
+    """The bench cache of one model: importance matrix, stock files, calibration."""
+    return runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name
+
+
+def imatrix_path(work: Path, calib_windows: int) -> Path:
+    """llama-imatrix's file from ``calib_windows`` 512-token windows of our calibration text."""
+    return work / f"imatrix-{calib_windows}.gguf"
+
+
 def f32_gguf(conv, model_name: str, log, workdir: Path | None = None) -> tuple[Path, float | None]:
     """The F32 GGUF of the float weights (in ``workdir``, else shared with
     tools/bench_speed.py's cache); -> (path, seconds it took to write, None if it was there)."""
@@ -323,7 +333,7 @@ def run(args) -> int:
     results = Results(Path(args.json), model_name, settings)
     outdir = Path(args.outdir or f"out/compare_stock/{model_name}")
     workdir = Path(args.workdir) if args.workdir else None
-    work = workdir or runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name
+    work = workdir or work_dir(model_name)
     work.mkdir(parents=True, exist_ok=True)
 
     cfg = ConvertConfig(bpw=budgets[0], method=methods[0] if methods else "gptq", preset=args.preset,
@@ -368,7 +378,7 @@ def run(args) -> int:
         results.costs["stock_missing"] = missing
     pending = [s for s in specs if s.ftype in available and not results.has(s.name)]
     if pending:
-        imatrix = work / f"imatrix-{args.calib_windows}.gguf"
+        imatrix = imatrix_path(work, args.calib_windows)
         if not imatrix.exists():
             log(f"llama-imatrix: {args.calib_windows} x 512 tokens of the calibration text")
             t1 = time.monotonic()

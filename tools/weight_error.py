@@ -43,14 +43,15 @@ import llamacpp  # noqa: E402
 from format_lab import parse_layouts  # noqa: E402
 from bench_speed import bench_dir  # noqa: E402
 from bench_models import resolve_model  # noqa: E402
-from compare_stock import BENCH_VERSION, f32_gguf, stock_at, stock_front  # noqa: E402
+from compare_stock import f32_gguf, imatrix_path, stock_at, stock_front, work_dir  # noqa: E402
 
-from hiq2gguf import formats, runtime  # noqa: E402
+from hiq2gguf import formats  # noqa: E402
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn  # noqa: E402
 from hiq2gguf.stock import StockType, ggml, parse_stock_types  # noqa: E402
 
 STOCK_DEFAULT = "IQ2_XXS,IQ2_XS,IQ2_S,Q2_K,IQ3_XXS,IQ3_S,Q3_K,IQ4_NL,Q4_0"
 OURS_DEFAULT = "0,1,2,3,4,6"
+CALIB_WINDOWS = 16        # compare_stock's default: its importance matrix is the one used
 
 
 class WeightErrorError(ValueError):
@@ -81,11 +82,11 @@ def load_inputs(model: str, names: list[str], rows: int, threads: int, log):
     f32 = bench_dir(model_name) / "f32.gguf"
     if not f32.exists():                            # compare_stock's, shared with bench_speed
         f32, _ = f32_gguf(Conversion(ConvertConfig(evaluate=False), ref, weights=False), model_name, log)
-    imatrix = runtime.cache_dir() / "bench" / f"compare-v{BENCH_VERSION}" / model_name / "imatrix-16.gguf"
+    imatrix = imatrix_path(work_dir(model_name), CALIB_WINDOWS)
     if not imatrix.exists():
-        log(f"llama-imatrix: 16 x 512 tokens of the calibration text -> {imatrix}")
+        log(f"llama-imatrix: {CALIB_WINDOWS} x 512 tokens of the calibration text -> {imatrix}")
         imatrix.parent.mkdir(parents=True, exist_ok=True)
-        llamacpp.imatrix(f32, imatrix, 16, threads)
+        llamacpp.imatrix(f32, imatrix, CALIB_WINDOWS, threads)
     im = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(imatrix).tensors}
     tensors = {t.name: t for t in gguf.GGUFReader(f32).tensors}
     out = {}
