@@ -25,11 +25,16 @@ import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
-BLOCK = 64
-GROUP = 8
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hiq2gguf.formats import BLOCK, GROUP  # noqa: E402  (the block and group of today's format)
+
 SCALE_STEPS = 16          # 4-bit sub-scale q in 1..16: s = d q / 16
 # sub-block scale candidates, in units of the weights' root mean square (the best scale of
 # every layout here lies inside: about 0.3 rms for 3 bits, 0.5 for 2 bits and E8)
@@ -96,7 +101,6 @@ class Layout:
             else:
                 better = err < best_err
                 best, best_err = torch.where(better, s, best), torch.minimum(err, best_err)
-            return q
 
         for f in SEARCH:
             consider(rms * f)
