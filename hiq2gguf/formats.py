@@ -202,30 +202,191 @@ def select_mask(score: np.ndarray, n_high: int) -> np.ndarray:
     return bits
 
 
+# ---- HIQ2_E8: the lattice-coded member (docs/FORMAT.md, "HIQ2_E8") ---------------
+E8_ENTRIES = 512          # magnitude vectors in the codebook (9-bit index)
+E8_SUB = 16               # weights per 4-bit sub-scale
+E8_N_SUB = BLOCK // E8_SUB
+E8_SCALE_STEPS = 16       # sub-scale q in 1..16: the group's unit is d q / 16
+E8_REF_AMAX = 4           # the reference quantizer maps a sub-block's max |x| to magnitude 4
+
+
+def _e8_grid() -> np.ndarray:
+    """The codebook: the 512 vectors of odd magnitudes of smallest norm -> uint8 [512, 8].
+
+    Candidates are (1, 3, 5, 7)^8 (the 512th smallest has norm 56, which no vector
+    with a 7 reaches). Order: by norm, then by the magnitudes sorted in decreasing
+    order (lexicographically), then by the vector itself; the first 512."""
+    odd = np.arange(1, 8, 2)
+    vecs = np.stack(np.meshgrid(*[odd] * GROUP, indexing="ij"), -1).reshape(-1, GROUP)
+    norm = (vecs.astype(np.int64) ** 2).sum(1)
+    desc = -np.sort(-vecs, axis=1)
+    keys = [vecs[:, i] for i in reversed(range(GROUP))] + [desc[:, i] for i in reversed(range(GROUP))] + [norm]
+    return vecs[np.lexsort(keys)[:E8_ENTRIES]].astype(np.uint8)
+
+
+E8_GRID = _e8_grid()
+E8_GRID.setflags(write=False)
+# The lattice rule: with the signs s_j (1 = negative) the signed sum is a multiple of 4
+# exactly when sum(m)/2 + #negative is even; an entry's parity is (sum(m)/2) mod 2.
+E8_PARITY = ((E8_GRID.astype(np.int64).sum(1) // 2) & 1).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class E8Codes:
+    """Decoded content of an HIQ2_E8 tensor, per block (rows, nblocks).
+
+    ``index`` picks each group's magnitude vector in ``E8_GRID``; ``negative`` is
+    every weight's sign bit (the 8th of a group is implied by the lattice rule and
+    must agree with it); ``scales`` are the sub-scales q in 1..16."""
+
+    d: np.ndarray         # float16 [rows, nb]
+    scales: np.ndarray    # uint8   [rows, nb, 4]
+    index: np.ndarray     # uint16  [rows, nb, 8]
+    negative: np.ndarray  # bool    [rows, nb, 64]
+
+    def integers(self) -> np.ndarray:
+        """q * (+-m) of every weight -> int32 [rows, nb, 64] (|.| <= 80)."""
+        rows, nb = self.d.shape
+        m = E8_GRID[self.index.astype(np.int64)].astype(np.int32).reshape(rows, nb, BLOCK)
+        q = np.repeat(self.scales.astype(np.int32), E8_SUB, axis=-1)
+        return np.where(self.negative, -m, m) * q
+
+    def dequantize(self) -> np.ndarray:
+        """w = d * (q m s) / 16, exact in float32 (see FORMAT.md)."""
+        d = self.d.astype(np.float32)[..., None]
+        w = d * self.integers().astype(np.float32) / np.float32(16)
+        return w.reshape(w.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class E8Type:
+    """HIQ2_E8: 64-weight blocks of 8 E8-lattice codes under 4 sub-scales, 2.5 bpw."""
+
+    type_id = FIRST_TYPE_ID + N_GROUPS + 1
+    name = "HIQ2_E8"
+    block_size = BLOCK
+    type_size = 2 + E8_N_SUB // 2 + 2 * N_GROUPS       # fp16 d, 4 nibbles, 8 x u16 codes = 20
+
+    @property
+    def bpw(self) -> float:
+        return self.type_size * 8 / BLOCK
+
+    check_shape = HIQ2Type.check_shape
+    row_bytes = HIQ2Type.row_bytes
+
+    def pack(self, codes: E8Codes) -> np.ndarray:
+        rows, nb = codes.d.shape
+        q = codes.scales.astype(np.int64)
+        if ((q < 1) | (q > E8_SCALE_STEPS)).any():
+            raise FormatError(f"{self.name}: sub-scales must lie in 1..{E8_SCALE_STEPS}")
+        idx = codes.index.astype(np.int64)
+        if ((idx < 0) | (idx >= E8_ENTRIES)).any():
+            raise FormatError(f"{self.name}: codebook indices must lie in 0..{E8_ENTRIES - 1}")
+        neg = codes.negative.reshape(rows, nb, N_GROUPS, GROUP).astype(np.int64)
+        if ((neg.sum(-1) + E8_PARITY[idx]) & 1).any():
+            raise FormatError(f"{self.name}: a group's signs break the lattice rule "
+                              "(sum(m)/2 + #negative must be even)")
+        out = np.zeros((rows, nb, self.type_size), dtype=np.uint8)
+        out[..., 0:2] = codes.d.astype("<f2").view(np.uint8).reshape(rows, nb, 2)
+        nib = (q - 1).astype(np.uint8)
+        out[..., 2] = nib[..., 0] | (nib[..., 1] << 4)
+        out[..., 3] = nib[..., 2] | (nib[..., 3] << 4)
+        code = idx | ((neg[..., :GROUP - 1] << np.arange(9, 16)).sum(-1))
+        out[..., 4:] = code.astype("<u2").view(np.uint8).reshape(rows, nb, 2 * N_GROUPS)
+        return out.reshape(rows, nb * self.type_size)
+
+    def unpack(self, raw: np.ndarray) -> E8Codes:
+        raw = np.ascontiguousarray(raw, dtype=np.uint8)
+        if raw.ndim != 2 or raw.shape[1] % self.type_size:
+            raise FormatError(f"{self.name}: row bytes {raw.shape} are not a whole number of "
+                              f"{self.type_size}-byte blocks")
+        rows = raw.shape[0]
+        b = raw.reshape(rows, -1, self.type_size)
+        nb = b.shape[1]
+        d = b[..., 0:2].copy().view("<f2").reshape(rows, nb)
+        scales = np.stack([b[..., 2] & 15, b[..., 2] >> 4, b[..., 3] & 15, b[..., 3] >> 4], -1) + 1
+        code = b[..., 4:].copy().view("<u2").reshape(rows, nb, N_GROUPS).astype(np.int64)
+        index = code & (E8_ENTRIES - 1)
+        signs = (code[..., None] >> np.arange(9, 16)) & 1                    # weights 0..6
+        last = (signs.sum(-1) + E8_PARITY[index]) & 1                        # weight 7: the rule
+        negative = np.concatenate([signs, last[..., None]], -1).astype(bool).reshape(rows, nb, BLOCK)
+        return E8Codes(d=d, scales=scales.astype(np.uint8), index=index.astype(np.uint16), negative=negative)
+
+    def dequantize(self, raw: np.ndarray) -> np.ndarray:
+        return self.unpack(raw).dequantize()
+
+    def quantize_ref(self, x: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """float32 [rows, cols] -> packed bytes, by FORMAT.md's reference algorithm
+        (every float32 operation in the order written there, as the C one does)."""
+        x = np.asarray(x, dtype=np.float32)
+        self.check_shape(x.shape)
+        rows = x.shape[0]
+        xb = x.reshape(rows, -1, BLOCK)
+        nb = xb.shape[1]
+        s = np.abs(xb).reshape(rows, nb, E8_N_SUB, E8_SUB).max(-1) / np.float32(E8_REF_AMAX)
+        d = s.max(-1).astype(np.float16)
+        df = d.astype(np.float32)
+        zero = df == 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            qf = np.floor(s / df[..., None] * np.float32(16) + np.float32(0.5))
+        q = np.where(zero[..., None], 1, np.clip(qf, 1, E8_SCALE_STEPS)).astype(np.uint8)
+        unit = df[..., None] * q.astype(np.float32) / np.float32(16)           # [r, nb, 4]
+        unit = np.repeat(unit, E8_SUB // GROUP, axis=-1)                        # per group
+        g = xb.reshape(-1, GROUP)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = (np.abs(g) / unit.reshape(-1, 1)).astype(np.float32)
+        neg = g < 0
+        index = np.zeros(len(g), dtype=np.uint16)
+        m_all = E8_GRID.astype(np.float32)
+        for c0 in range(0, len(g), chunk):
+            ac, nc = a[c0:c0 + chunk], neg[c0:c0 + chunk]
+            err = np.zeros((len(ac), E8_ENTRIES), dtype=np.float32)
+            for j in range(GROUP):                                   # in order j = 0..7
+                t = ac[:, None, j] - m_all[None, :, j]
+                err = err + t * t
+            flip = (ac[:, None, :] * m_all[None]).min(-1) * np.float32(4)
+            bad = ((nc.sum(-1)[:, None] + E8_PARITY[None]) & 1).astype(bool)
+            err = np.where(bad, err + flip, err)
+            index[c0:c0 + chunk] = err.argmin(-1)                    # first of equal errors
+        m = m_all[index]
+        bad = ((neg.sum(-1) + E8_PARITY[index]) & 1).astype(bool)
+        j = (a * m).argmin(-1)                                       # the cheapest sign to flip
+        neg[bad, j[bad]] ^= True
+        zero_g = np.repeat(zero, N_GROUPS, axis=-1).reshape(-1)
+        index[zero_g] = 0
+        neg[zero_g] = False
+        return self.pack(E8Codes(d=d, scales=q, index=index.reshape(rows, nb, N_GROUPS),
+                                 negative=neg.reshape(rows, nb, BLOCK)))
+
+
+E8 = E8Type()
+
 HIQ2_TYPES: dict[int, HIQ2Type] = {t.type_id: t for t in (HIQ2Type(h) for h in range(N_GROUPS + 1))}
-_BY_NAME = {t.name: t for t in HIQ2_TYPES.values()}
+# every tensor type of ours, the H family and the lattice member
+ALL_TYPES: dict[int, HIQ2Type | E8Type] = {**HIQ2_TYPES, E8.type_id: E8}
+_BY_NAME = {t.name: t for t in ALL_TYPES.values()}
 
 
-def get_type(key: int | str) -> HIQ2Type:
+def get_type(key: int | str) -> HIQ2Type | E8Type:
     if isinstance(key, str):
         t = _BY_NAME.get(key.upper())
     else:
-        t = HIQ2_TYPES.get(int(key))
+        t = ALL_TYPES.get(int(key))
     if t is None:
         raise FormatError(f"not an HIQ2 type: {key!r} (known: {', '.join(_BY_NAME)})")
     return t
 
 
 def is_hiq2(type_id: int) -> bool:
-    return int(type_id) in HIQ2_TYPES
+    return int(type_id) in ALL_TYPES
 
 
 def min_bpw() -> float:
-    return min(t.bpw for t in HIQ2_TYPES.values())
+    return min(t.bpw for t in ALL_TYPES.values())
 
 
 def max_bpw() -> float:
-    return max(t.bpw for t in HIQ2_TYPES.values())
+    return max(t.bpw for t in ALL_TYPES.values())
 
 
 def register_with_gguf() -> None:
@@ -238,7 +399,7 @@ def register_with_gguf() -> None:
     """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-    types = [(t.type_id, t.name, BLOCK, t.type_size) for t in HIQ2_TYPES.values()]
+    types = [(t.type_id, t.name, BLOCK, t.type_size) for t in ALL_TYPES.values()]
     for type_id, name, block, type_size in types + list(MAINLINE_TYPES_MISSING_IN_GGUF):
         if type_id in QT._value2member_map_:
             continue
