@@ -32,7 +32,7 @@ class HIQ2Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(self.raw):
-            y = triton_kernels().matmul(x, self.raw, self.qtype.n_high)
+            y = triton_kernels().matmul(x, self.raw, self.qtype)
             return y if self.bias is None else y + self.bias
         return F.linear(x, dequantize_packed(self.raw, self.qtype).to(x.dtype), self.bias)
 

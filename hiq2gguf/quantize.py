@@ -236,6 +236,6 @@ def dequantize_packed(raw: torch.Tensor, qtype: HIQ2Type) -> torch.Tensor:
     [rows, cols] on ``raw``'s device: the Triton kernel on a GPU, else the numpy
     unpacking and ``dequantize_torch`` (both bit for bit the reference)."""
     if use_triton(raw):
-        return triton_kernels().dequantize(raw, qtype.n_high)
+        return triton_kernels().dequantize(raw, qtype)
     codes = qtype.unpack(raw.detach().cpu().numpy())
     return dequantize_torch(codes).to(raw.device)

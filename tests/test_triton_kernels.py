@@ -18,19 +18,26 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from hiq2gguf import evaluate, quantize  # noqa: E402
-from hiq2gguf.formats import FIRST_TYPE_ID, N_GROUPS, FormatError, get_type  # noqa: E402
+from hiq2gguf.formats import (ALL_TYPES, E8, E8_GRID, E8_PARITY, FIRST_TYPE_ID, N_GROUPS,  # noqa: E402
+                              FormatError, HIQ2Type, get_type)
 from hiq2gguf.writer import PackedTensor  # noqa: E402
 from kernels.triton import dequantize, gemm, gemv, matmul  # noqa: E402
+from kernels.triton.hiq2 import e8_table  # noqa: E402
 
-MEMBERS = range(N_GROUPS + 1)
+TYPES = list(ALL_TYPES.values())          # HIQ2_H0..H8 and HIQ2_E8
 U32 = 2.0 ** -24
 
 
-def random_raw(n_high: int, rows: int, n_blocks: int, seed: int) -> np.ndarray:
-    """Valid HIQ2 bytes with every field random: any code bits, a random mask of
-    popcount H, any zero point, and finite fp16 scales of every magnitude
-    (zero, subnormal, normal up to 65504; signed, which the formula allows)."""
-    t = get_type(FIRST_TYPE_ID + n_high)
+def member(n_high: int) -> HIQ2Type:
+    return get_type(FIRST_TYPE_ID + n_high)
+
+
+def random_raw(t, rows: int, n_blocks: int, seed: int) -> np.ndarray:
+    """Valid bytes of type ``t`` with every field random and finite fp16 scales of
+    every magnitude (zero, subnormal, normal up to 65504; signed, which the formula
+    allows). H members: any code bits, a random mask of popcount H, any zero point.
+    HIQ2_E8: every bit pattern of sub-scales and codes is valid; the last block is
+    the largest integer everywhere (q = 16, magnitude 5, negative)."""
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows, n_blocks, t.type_size), dtype=np.uint8)
     bits = rng.integers(0, 1 << 16, size=(rows, n_blocks), dtype=np.uint32).astype(np.uint16)
@@ -42,9 +49,15 @@ def random_raw(n_high: int, rows: int, n_blocks: int, seed: int) -> np.ndarray:
     if d.size > 2:
         d.flat[2] = np.float16(65504)                           # largest finite
     blocks[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(rows, n_blocks, 2)
+    if t == E8:
+        e = int(np.flatnonzero(E8_GRID.max(1) == 5)[0])
+        blocks[-1, -1, 2:4] = 0xFF
+        code = e | (0x7F << 9)                       # weight 7 by the rule: negative unless parity odd
+        blocks[-1, -1, 4:] = np.array([code] * N_GROUPS, dtype="<u2").view(np.uint8)
+        return blocks.reshape(rows, n_blocks * t.type_size)
     masks = np.zeros((rows, n_blocks), dtype=np.uint8)
     for idx in np.ndindex(rows, n_blocks):
-        for g in rng.permutation(N_GROUPS)[:n_high]:
+        for g in rng.permutation(N_GROUPS)[:t.n_high]:
             masks[idx] |= np.uint8(1 << g)
     blocks[..., 3] = masks
     blocks[0, 0, 2] = 255                                       # extreme zero points
@@ -72,25 +85,23 @@ def assert_dot_close(y: torch.Tensor, x: torch.Tensor, w_ref: np.ndarray):
 
 
 # ---- dequantize -----------------------------------------------------------
-@pytest.mark.parametrize("n_high", MEMBERS)
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,n_blocks", [(1, 1), (7, 3), (5, 9)])
-def test_dequantize_bit_exact_random_bytes(n_high, rows, n_blocks):
+def test_dequantize_bit_exact_random_bytes(t, rows, n_blocks):
     """Odd block and row counts; 21 and 45 blocks also leave partial programs."""
-    t = get_type(FIRST_TYPE_ID + n_high)
-    raw = random_raw(n_high, rows, n_blocks, seed=100 * n_high + rows)
-    w = dequantize(torch.from_numpy(raw), n_high).numpy()
+    raw = random_raw(t, rows, n_blocks, seed=100 * t.type_id + rows)
+    w = dequantize(torch.from_numpy(raw), t).numpy()
     assert same_bits(w, t.dequantize(raw))
 
 
-@pytest.mark.parametrize("n_high", MEMBERS)
-def test_dequantize_bit_exact_quantized_weights(n_high):
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_dequantize_bit_exact_quantized_weights(t):
     """Bytes from the reference quantizer (real code statistics, an all-zero block)."""
-    t = get_type(FIRST_TYPE_ID + n_high)
-    x = np.random.default_rng(n_high).standard_normal((6, 320)).astype(np.float32) * 0.05
+    x = np.random.default_rng(t.type_id).standard_normal((6, 320)).astype(np.float32) * 0.05
     x[0, :64] = 0
     x[1, 70] = 3.0
     raw = t.quantize_ref(x)
-    assert same_bits(dequantize(torch.from_numpy(raw), n_high, blocks_per_program=4).numpy(),
+    assert same_bits(dequantize(torch.from_numpy(raw), t, blocks_per_program=4).numpy(),
                      t.dequantize(raw))
 
 
@@ -101,69 +112,109 @@ def fp16_bytes(v: float) -> np.ndarray:
 def test_dequantize_reads_every_field():
     """Flipping a bit of d, z, ql or qh, or moving a high group, changes the weights
     (and they still match the reference)."""
-    t = get_type(FIRST_TYPE_ID + 3)
-    raw = random_raw(3, 1, 1, seed=5)
+    t = member(3)
+    raw = random_raw(t, 1, 1, seed=5)
     raw[0, 0:2] = fp16_bytes(0.5)
     raw[0, 3] = 0b00010110
-    base = dequantize(torch.from_numpy(raw), 3).numpy()
+    base = dequantize(torch.from_numpy(raw), t).numpy()
     for byte, bit in ((1, 1), (2, 1), (3, 0b00000011), (4, 1), (19, 128), (20, 1), (25, 64)):
         flipped = raw.copy()
         flipped[0, byte] ^= bit
-        got = dequantize(torch.from_numpy(flipped), 3).numpy()
+        got = dequantize(torch.from_numpy(flipped), t).numpy()
         assert same_bits(got, t.dequantize(flipped))
         assert not np.array_equal(got, base), f"byte {byte} ignored"
 
 
+def test_e8_table_is_the_codebook():
+    """The kernels' packed table decodes to formats.E8_GRID and E8_PARITY."""
+    table = e8_table().astype(np.int64)
+    grid = 2 * ((table[:, None] >> (2 * np.arange(8))) & 3) + 1
+    assert np.array_equal(grid, E8_GRID)
+    assert np.array_equal((table >> 16) & 1, E8_PARITY)
+    assert not (table >> 17).any()
+
+
+def test_e8_dequantize_reads_every_field():
+    """HIQ2_E8: every bit of d, each sub-scale nibble, index and stored sign bits
+    changes the weights it should (and only those), matching the reference; a
+    stored sign or an index of the other parity also flips weight 7 of the group."""
+    raw = random_raw(E8, 1, 1, seed=7)
+    raw[0, 0:2] = fp16_bytes(0.5)
+    base = dequantize(torch.from_numpy(raw), E8).numpy()[0]
+    assert same_bits(base[None], E8.dequantize(raw))
+    code = raw[0, 4:].view("<u2")
+
+    def changed(byte, bit):
+        flipped = raw.copy()
+        flipped[0, byte] ^= bit
+        got = dequantize(torch.from_numpy(flipped), E8).numpy()
+        assert same_bits(got, E8.dequantize(flipped))
+        return set(np.flatnonzero(got[0] != base).tolist())
+
+    assert changed(1, 1) == set(range(64))                       # d
+    for k in range(4):                                          # sub-scale k: weights 16k..16k+15
+        assert changed(2 + k // 2, 1 << (4 * (k % 2))) == set(range(16 * k, 16 * k + 16))
+    g = 5
+    for j in range(7):                                          # stored sign j: weights j and 7
+        assert changed(4 + 2 * g + (9 + j) // 8, 1 << ((9 + j) % 8)) == {8 * g + j, 8 * g + 7}
+    e = int(code[g]) & 511
+    for bit in range(9):                                        # index: the magnitudes (+ sign 7)
+        other = e ^ (1 << bit)
+        got = changed(4 + 2 * g + bit // 8, 1 << (bit % 8))
+        moved = {8 * g + j for j in range(8) if E8_GRID[other, j] != E8_GRID[e, j]}
+        if E8_PARITY[other] != E8_PARITY[e]:
+            moved.add(8 * g + 7)
+        assert got == moved
+
+
 # ---- matmul ---------------------------------------------------------------
-@pytest.mark.parametrize("n_high", MEMBERS)
-def test_gemv_matches_torch(n_high):
-    t = get_type(FIRST_TYPE_ID + n_high)
-    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(n_high)) * 0.1
-    raw = t.quantize_ref(np.random.default_rng(n_high).standard_normal((37, 192)).astype(np.float32))
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_gemv_matches_torch(t):
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(t.type_id)) * 0.1
+    raw = t.quantize_ref(np.random.default_rng(t.type_id).standard_normal((37, 192)).astype(np.float32))
     for rows in (1, 3):
-        y = gemv(x[:rows], torch.from_numpy(raw), n_high, block_n=16)
+        y = gemv(x[:rows], torch.from_numpy(raw), t, block_n=16)
         assert_dot_close(y, x[:rows], t.dequantize(raw))
 
 
-@pytest.mark.parametrize("n_high", MEMBERS)
-def test_gemm_matches_torch(n_high):
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_gemm_matches_torch(t):
     """20 x 192 activations, 24 output rows: partial tiles in both directions."""
-    t = get_type(FIRST_TYPE_ID + n_high)
-    x = torch.randn(20, 192, generator=torch.Generator().manual_seed(n_high))
-    raw = random_raw(n_high, 24, 3, seed=n_high)
+    x = torch.randn(20, 192, generator=torch.Generator().manual_seed(t.type_id))
+    raw = random_raw(t, 24, 3, seed=t.type_id)
     for b in range(3):   # comparable scales, so that no block hides below the others' rounding
         raw[:, b * t.type_size:b * t.type_size + 2] = fp16_bytes(0.01 * (b + 1))
-    y = gemm(x, torch.from_numpy(raw), n_high, block_m=16, block_n=16)
+    y = gemm(x, torch.from_numpy(raw), t, block_m=16, block_n=16)
     assert_dot_close(y, x, t.dequantize(raw))
 
 
-def test_matmul_batched_shapes_and_both_paths():
-    t = get_type(FIRST_TYPE_ID + 2)
+@pytest.mark.parametrize("t", [member(2), E8], ids=lambda t: t.name)
+def test_matmul_batched_shapes_and_both_paths(t):
     raw = t.quantize_ref(np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32))
     w = t.dequantize(raw)
     g = torch.Generator().manual_seed(2)
     for shape in ((128,), (1, 1, 128), (2, 5, 128)):     # 1 and 10 rows: GEMV and GEMM
         x = torch.randn(*shape, generator=g)
-        y = matmul(x, torch.from_numpy(raw), 2)
+        y = matmul(x, torch.from_numpy(raw), t)
         assert y.shape == shape[:-1] + (16,)
         assert_dot_close(y.reshape(-1, 16), x.reshape(-1, 128), w)
 
 
 # gemm with bfloat16 is left out: the interpreter's tl.dot reads bfloat16 operands
 # as raw bits (a bare 16x16 bfloat16 tl.dot is off by ~1e10 there), so only a GPU can test it
+@pytest.mark.parametrize("t", [member(5), E8], ids=lambda t: t.name)
 @pytest.mark.parametrize("kernel,dtype", [("gemv", torch.float16), ("gemm", torch.float16),
                                           ("gemv", torch.bfloat16)])
-def test_half_activations(kernel, dtype):
+def test_half_activations(t, kernel, dtype):
     """16-bit activations: gemv multiplies the exact float32 weights, gemm rounds them
     to the activations' dtype; both sum in float32 and round once to that dtype."""
-    t = get_type(FIRST_TYPE_ID + 5)
     raw = t.quantize_ref(np.random.default_rng(3).standard_normal((16, 128)).astype(np.float32))
     x = torch.randn(16, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
     w = torch.from_numpy(t.dequantize(raw))
     if kernel == "gemv":
-        y = gemv(x, torch.from_numpy(raw), 5, block_n=16)
+        y = gemv(x, torch.from_numpy(raw), t, block_n=16)
     else:
-        y = gemm(x, torch.from_numpy(raw), 5, block_m=16, block_n=16)
+        y = gemm(x, torch.from_numpy(raw), t, block_m=16, block_n=16)
         w = w.to(dtype).float()
     assert y.dtype == dtype
     ref = x.float() @ w.T
@@ -174,24 +225,44 @@ def test_half_activations(kernel, dtype):
     assert torch.all((y.float() - ref).abs() <= ulp * ref.abs() + 2 * 128 * U32 * scale + 1e-6)
 
 
-def test_bad_input_is_refused_clearly():
-    t = get_type(FIRST_TYPE_ID + 1)
-    raw = torch.from_numpy(t.quantize_ref(np.ones((2, 64), np.float32)))
+@pytest.mark.parametrize("t", [member(1), E8], ids=lambda t: t.name)
+def test_bad_input_is_refused_clearly(t):
+    raw = torch.from_numpy(t.quantize_ref(np.ones((2, 128), np.float32)))
     with pytest.raises(FormatError, match="whole number"):
-        dequantize(raw[:, :-1].contiguous(), 1)
+        dequantize(raw[:, :-1].contiguous(), t)
     with pytest.raises(FormatError, match="uint8"):
-        dequantize(raw.to(torch.int16), 1)
-    with pytest.raises(FormatError, match="not an HIQ2 type"):
-        dequantize(raw, 9)
-    with pytest.raises(ValueError, match="64 columns"):
-        gemv(torch.ones(1, 128), raw, 1)
+        dequantize(raw.to(torch.int16), t)
+    with pytest.raises(FormatError, match="contiguous"):
+        dequantize(raw[:, :t.type_size], t)
+    with pytest.raises(ValueError, match="128 columns"):
+        gemv(torch.ones(1, 64), raw, t)
+    with pytest.raises(ValueError, match="128 columns"):
+        gemm(torch.ones(20, 192), raw, t)
+    with pytest.raises(ValueError, match="128 columns"):
+        matmul(torch.ones(64), raw, t)
+
+
+def test_type_is_a_formats_type_object():
+    """The member is a type object of hiq2gguf.formats, never a bare number: an H
+    member's n_high (the old argument) and ids are refused, not reinterpreted."""
+    raw = torch.from_numpy(member(1).quantize_ref(np.ones((2, 64), np.float32)))
+    for bad in (1, 9, FIRST_TYPE_ID + 1, "HIQ2_H1", HIQ2Type(9)):
+        with pytest.raises(FormatError, match="not an HIQ2 type"):
+            dequantize(raw, bad)
+        with pytest.raises(FormatError, match="not an HIQ2 type"):
+            matmul(torch.ones(1, 64), raw, bad)
+    # HIQ2_E8 blocks are 20 bytes like HIQ2_H0's: the type, not the size, picks the decode
+    h0 = dequantize(raw[:, :20].contiguous(), member(0)).numpy()
+    e8 = dequantize(raw[:, :20].contiguous(), E8).numpy()
+    assert same_bits(e8, E8.dequantize(raw[:, :20].numpy()))
+    assert not np.array_equal(h0, e8)
 
 
 # ---- the PyTorch dispatch ---------------------------------------------------
 def test_dequantize_packed_cpu_path_is_unchanged_and_exact():
     """On CPU tensors the dispatch never reaches Triton: numpy unpack + dequantize_torch."""
-    t = get_type(FIRST_TYPE_ID + 4)
-    raw = random_raw(4, 3, 2, seed=9)
+    t = member(4)
+    raw = random_raw(t, 3, 2, seed=9)
     assert not quantize.use_triton(torch.from_numpy(raw))
     ref = quantize.dequantize_torch(t.unpack(raw)).numpy()
     assert same_bits(quantize.dequantize_packed(torch.from_numpy(raw), t).numpy(), ref)
@@ -214,9 +285,9 @@ def triton_on_cpu(monkeypatch):
     return calls
 
 
-def test_dequantize_packed_triton_branch(triton_on_cpu):
-    t = get_type(FIRST_TYPE_ID + 6)
-    raw = random_raw(6, 4, 3, seed=11)
+@pytest.mark.parametrize("t", [member(6), E8], ids=lambda t: t.name)
+def test_dequantize_packed_triton_branch(triton_on_cpu, t):
+    raw = random_raw(t, 4, 3, seed=11)
     assert same_bits(quantize.dequantize_packed(torch.from_numpy(raw), t).numpy(), t.dequantize(raw))
     assert triton_on_cpu
 
@@ -234,9 +305,10 @@ def test_packed_model_matches_fake_quantized_model(triton_on_cpu):
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
     packed = {}
+    members = [E8] + [member(h) for h in (0, 1, 3, 5, 7, 8)]    # one per linear
     for name, p in model.named_parameters():
         if name.endswith("proj.weight"):
-            qt = get_type(FIRST_TYPE_ID + len(packed) % 9)
+            qt = members[len(packed)]
             raw = qt.quantize_ref(p.detach().numpy())
             packed[name] = PackedTensor(qtype=qt, raw=raw, shape=tuple(p.shape))
             p.data.copy_(torch.from_numpy(qt.dequantize(raw)))        # the fake-quantized model
@@ -264,8 +336,8 @@ def test_hiq2linear_cpu_fallback_equals_linear():
     values; not asserted bit for bit: BLAS may sum differently for other buffers)."""
     from hiq2gguf.packed_linear import HIQ2Linear
 
-    t = get_type(FIRST_TYPE_ID + 7)
-    raw = random_raw(7, 12, 2, seed=13)
+    t = member(7)
+    raw = random_raw(t, 12, 2, seed=13)
     bias = torch.randn(12)
     layer = HIQ2Linear(torch.from_numpy(raw), t, (12, 128), bias)
     x = torch.randn(3, 128)
