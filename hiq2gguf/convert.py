@@ -20,7 +20,7 @@ from hiq2gguf import data, evaluate
 from hiq2gguf.formats import FormatError, HIQ2Type
 from hiq2gguf.plan import BudgetError, RatioConfig, check_budget, fixed_plan, optimized_plan, parse_ratios
 from hiq2gguf.gguf_io import atomic_output
-from hiq2gguf.quantize import dequantize_torch, quantize_rtn
+from hiq2gguf.quantize import dequantize_torch, quantize_member
 from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
 
 
@@ -408,14 +408,14 @@ def ppl_file(path: Path, windows: list[list[int]], cfg: ConvertConfig) -> float:
 def quantize_model(model, converter, plan: dict[str, HIQ2Type], quantize_fn: Callable | None = None,
                    progress: bool = True) -> tuple[dict[str, PackedTensor], dict[str, object]]:
     """Quantize in place: every linear weight in ``plan`` becomes its HIQ2 codes (made by
-    ``quantize_fn(name, weight, n_high)``, plain RTN by default; returned
+    ``quantize_fn(name, weight, qtype)``, plain RTN by default; returned
     packed) and, in the torch model, exactly their dequantized values; embeddings (and an
     untied head) likewise go through the stock embedding type."""
     params = dict(model.named_parameters())
     packed: dict[str, PackedTensor] = {}
     for name in tqdm(list(plan), desc="quantize", unit="layer", disable=not progress):
         p, qtype = params[name], plan[name]
-        codes = (quantize_fn or _plain_rtn)(name, p.data, qtype.n_high)
+        codes = (quantize_fn or _plain_rtn)(name, p.data, qtype)
         packed[name] = PackedTensor(qtype=qtype, raw=qtype.pack(codes), shape=tuple(p.shape))
         with torch.no_grad():
             p.data.copy_(dequantize_torch(codes))
@@ -435,8 +435,8 @@ def quantize_embeddings(model, converter) -> dict[str, object]:
     return stock
 
 
-def _plain_rtn(name, w, n_high):
-    return quantize_rtn(w, n_high)
+def _plain_rtn(name, w, qtype):
+    return quantize_member(w, qtype)
 
 
 def size_report(path: Path, packed: dict[str, PackedTensor]) -> dict:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from hiq2gguf.formats import BLOCK, GROUP, Codes
-from hiq2gguf.quantize import RTNConfig, codes_from_tensors, floored_importance, round_to_grid, search_block_grid
+from hiq2gguf.formats import BLOCK, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, N_GROUPS, Codes, E8Codes, E8Type, HIQ2Type
+from hiq2gguf.quantize import (E8Config, RTNConfig, codes_from_tensors, e8_codes, e8_round, e8_values,
+                               floored_importance, round_to_grid, search_block_grid, search_e8_units,
+                               store_e8_units)
 
 
 class GPTQ:
@@ -34,18 +36,22 @@ class GPTQ:
         x = x * (2.0 / self.n) ** 0.5
         self.H += x.T @ x
 
-    def quantize(self, weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
-                 damp: float = 0.01, cfg: RTNConfig = RTNConfig()) -> Codes:
+    def _prepare(self, weight: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight with dead input columns zeroed, upper Cholesky factor of the damped inverse Hessian)."""
         W = weight.detach().to(torch.float32).clone()
-        rows, cols = W.shape
+        cols = W.shape[1]
         H = self.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
         H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        Hinv = Hinv.to(torch.float32)
+        return W, Hinv.to(torch.float32)
 
+    def quantize(self, weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
+                 damp: float = 0.01, cfg: RTNConfig = RTNConfig()) -> Codes:
+        W, Hinv = self._prepare(weight, damp)
+        rows, cols = W.shape
         nb = cols // BLOCK
         imp = floored_importance(importance, W, cfg)
         d_all = torch.zeros(rows, nb, dtype=torch.float16)
@@ -75,3 +81,50 @@ class GPTQ:
             W[:, c1:] -= Err @ Hinv[c0:c1, c1:]
         self.rounded = rounded
         return codes_from_tensors(d_all, z_all, high_all, levels.reshape(rows, nb, BLOCK))
+
+    def quantize_as(self, weight: torch.Tensor, qtype: HIQ2Type | E8Type, importance: torch.Tensor | None = None
+                    ) -> Codes | E8Codes:
+        """GPTQ's codes of ``weight`` as any of our types."""
+        if isinstance(qtype, E8Type):
+            return self.quantize_e8(weight, importance)
+        return self.quantize(weight, qtype.n_high, importance)
+
+    def quantize_e8(self, weight: torch.Tensor, importance: torch.Tensor | None = None,
+                    damp: float = 0.01, cfg: E8Config = E8Config()) -> E8Codes:
+        """GPTQ for HIQ2_E8: a block's sub-block scales are searched (as ``quantize_e8``
+        does) when the algorithm reaches it; each 8-column group is rounded to lattice
+        points as one vector, then its columns' errors are fed forward one by one (the
+        later columns of the group included, whose codes are already fixed: together
+        that is the block update of jointly quantized columns)."""
+        W, Hinv = self._prepare(weight, damp)
+        rows, cols = W.shape
+        nb = cols // BLOCK
+        imp = floored_importance(importance, W, RTNConfig(importance_floor=cfg.importance_floor))
+        d_all = torch.zeros(rows, nb, dtype=torch.float16)
+        q_all = torch.ones(rows, nb, E8_N_SUB)
+        idx_all = torch.zeros(rows, nb, N_GROUPS, dtype=torch.int64)
+        neg_all = torch.zeros(rows, nb, BLOCK, dtype=torch.bool)
+        for b in range(nb):
+            c0, c1 = b * BLOCK, (b + 1) * BLOCK
+            d, q = store_e8_units(search_e8_units(W[:, c0:c1], imp[:, c0:c1], cfg))
+            d_all[:, b], q_all[:, b] = d, q
+            W1 = W[:, c0:c1].clone()
+            Err = torch.zeros_like(W1)
+            Hb = Hinv[c0:c1, c0:c1]
+            df = d.to(torch.float32)
+            for g in range(N_GROUPS):
+                g0, g1 = g * GROUP, (g + 1) * GROUP
+                qg = q[:, g0 // E8_SUB]
+                unit = df * qg / E8_SCALE_STEPS
+                unit = torch.where(unit > 0, unit, torch.ones_like(unit))
+                idx, neg = e8_round(W1[:, g0:g1] / unit[:, None], imp[:, c0 + g0:c0 + g1])
+                idx_all[:, b, g] = idx
+                neg_all[:, b, g0:g1] = neg
+                wq = df[:, None] * (e8_values(idx, neg) * qg[:, None]) / 16     # exactly as decoded
+                for j in range(g0, g1):
+                    e = (W1[:, j] - wq[:, j - g0]) / Hb[j, j]
+                    W1[:, j:] -= e.unsqueeze(1) * Hb[j, j:].unsqueeze(0)
+                    Err[:, j] = e
+            W[:, c1:] -= Err @ Hinv[c0:c1, c1:]
+        self.rounded = weight.detach().to(torch.float32)     # no levels for a later stage to round
+        return e8_codes(d_all, q_all, idx_all, neg_all)

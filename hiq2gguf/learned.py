@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hiq2gguf.formats import GROUP, LOW_STEP, Codes, high_group_flags
+from hiq2gguf.formats import GROUP, LOW_STEP, Codes, E8Codes, E8Type, HIQ2Type, high_group_flags
 from hiq2gguf.gptq import GPTQ
 from hiq2gguf.quantize import (RTNConfig, _blocks, codes_from_tensors, dequantize_torch, floored_importance,
-                               grid_params, round_to_grid, search_block_grid)
+                               grid_params, quantize_member, round_to_grid, search_block_grid)
 
 # AdaRound's rectified sigmoid stretches sigmoid to (GAMMA, ZETA) and clips to [0, 1]
 ZETA, GAMMA = 1.1, -0.1
@@ -139,10 +139,13 @@ class FixedCodes(LearnedQuantizer):
     is what they round (``GPTQ.rounded``): its nearest levels on their grid are the
     codes, so AdaRound on it starts from exactly this rounding."""
 
-    def __init__(self, weight: torch.Tensor, codes: Codes):
-        super().__init__(weight, torch.from_numpy(high_group_flags(codes.mask)))
-        self.register_buffer("d", torch.from_numpy(codes.d))
-        self.register_buffer("z", torch.from_numpy(codes.z).to(torch.float32))
+    def __init__(self, weight: torch.Tensor, codes: Codes | E8Codes):
+        if isinstance(codes, E8Codes):      # no grid of levels: nothing continues from it
+            super().__init__(weight, torch.zeros(codes.index.shape, dtype=torch.bool))
+        else:
+            super().__init__(weight, torch.from_numpy(high_group_flags(codes.mask)))
+            self.register_buffer("d", torch.from_numpy(codes.d))
+            self.register_buffer("z", torch.from_numpy(codes.z).to(torch.float32))
         self.fixed = codes
 
     def forward(self) -> torch.Tensor:
@@ -221,16 +224,20 @@ class AdaRound(LearnedQuantizer):
         return codes_from_tensors(self.d, self.z, self.high_g, levels)
 
 
-def start_stage(kind: type[LearnedQuantizer], weight: torch.Tensor, n_high: int,
+def start_stage(kind: type[LearnedQuantizer], weight: torch.Tensor, qtype: HIQ2Type | E8Type,
                 importance: torch.Tensor | None, prev: LearnedQuantizer | None,
                 cfg: "ReconstructionConfig | None" = None) -> LearnedQuantizer:
-    """The quantizer of one stage, continuing from the previous stage's grid if any."""
+    """The quantizer of one stage, continuing from the previous stage's grid if any.
+    HIQ2_E8 weights have no grid of levels to learn on: they keep the previous stage's
+    codes (GPTQ's), or importance-weighted RTN's."""
     cfg = cfg or ReconstructionConfig()
+    if isinstance(qtype, E8Type):
+        return prev if prev is not None else FixedCodes(weight, quantize_member(weight, qtype, importance))
     if kind is LWC:
-        return LWC(weight, n_high, importance, seed=cfg.seed)
+        return LWC(weight, qtype.n_high, importance, seed=cfg.seed)
     if prev is not None:      # round what the previous stage rounded (GPTQ: its updated weights)
         return AdaRound(prev.wb.flatten(1), *prev.grid(), low=cfg.adaround_low)
-    return AdaRound.rtn_grid(weight, n_high, importance, low=cfg.adaround_low)
+    return AdaRound.rtn_grid(weight, qtype.n_high, importance, low=cfg.adaround_low)
 
 
 # method -> its stages, one after the other (GPTQ: run by sequential.BlockSequential on the

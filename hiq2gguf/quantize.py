@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hiq2gguf.formats import BLOCK, GROUP, LOW_STEP, N_GROUPS, Codes, FormatError, HIQ2Type
+from hiq2gguf.formats import (BLOCK, E8, E8_ENTRIES, E8_GRID, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP,
+                              N_GROUPS, Codes, E8Codes, E8Type, FormatError, HIQ2Type)
 
 # Candidate shrink factors for the block range [lo, hi]: RTN searches them and
 # keeps the one with the smallest importance-weighted squared error.
@@ -208,8 +209,200 @@ def quantize_rtn(weight: torch.Tensor, n_high: int, importance: torch.Tensor | N
     return quantize_rtn_members(weight, [n_high], importance, cfg)[0]
 
 
-def dequantize_torch(codes: Codes) -> torch.Tensor:
-    """PyTorch fake-quantization: w = d * (16 L - z) / 16 in float32 (exact)."""
+# ---- HIQ2_E8: lattice codes (formats.E8) ---------------------------------------------
+
+@dataclass
+class E8Config:
+    # sub-block unit candidates, in units of the sub-block's root mean square (the best
+    # lies near 0.5: magnitudes 1 and 3 then cover most weights)
+    search: tuple[float, ...] = tuple(float(f) for f in np.geomspace(0.2, 1.4, 12))
+    refits: int = 2                  # weighted least-squares refits of each sub-block's unit
+    importance_floor: float = 1e-3
+
+
+# odd magnitudes a codebook coordinate can take (E8_GRID's entries are 1, 3 or 5)
+# entries priced exactly for a group outside the codebook (e8_round)
+SHORTLIST = 8
+_MAGS = (1.0, 3.0, 5.0)
+
+
+@functools.cache
+def _e8_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """(E8_GRID as float [512, 8], index of each magnitude vector by its base-3 key
+    sum_j k_j 3^j with m_j = 2 k_j + 1, or -1 where the vector is not in the codebook)."""
+    grid = torch.from_numpy(E8_GRID.astype(np.float32))
+    k = (grid.to(torch.int64) - 1) // 2
+    key = (k * 3 ** torch.arange(GROUP)).sum(-1)
+    lookup = torch.full((3 ** GROUP,), -1, dtype=torch.int64)
+    lookup[key] = torch.arange(E8_ENTRIES)
+    return grid, lookup
+
+
+def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook point of every group ``t`` [G, 8] (weights in units of their
+    group's scale) under the weighted distance sum imp_j (t_j - c_j)^2 -> (index int64 [G],
+    negative bool [G, 8]).
+
+    The distance is separable, so the nearest point of the whole coset (odd magnitudes
+    up to 5, lattice parity) rounds every coordinate to its nearest magnitude and, where
+    the parity rule is broken, moves the one coordinate whose cheapest parity-changing
+    alternative (the neighbouring magnitude, or the other sign) costs least: any fix
+    needs an odd number of such moves. Groups whose point lies outside the codebook
+    (norm above 48, bar 61 vectors of norm 56) are searched over all 512 entries
+    (those of the wrong sign parity through a shortlist: ``SHORTLIST``)."""
+    grid, lookup = _e8_tables()
+    a, neg = t.abs(), t < 0
+    mags = torch.tensor(_MAGS)
+    cost = (a[..., None] - mags) ** 2                             # [G, 8, 3], sign of t
+    k0 = cost.argmin(-1)
+    base = cost.gather(-1, k0[..., None])[..., 0]
+    up = cost.gather(-1, torch.clamp(k0 + 1, max=2)[..., None])[..., 0]
+    down = cost.gather(-1, torch.clamp(k0 - 1, min=0)[..., None])[..., 0]
+    inf = torch.full_like(base, float("inf"))
+    up = torch.where(k0 < 2, up, inf)
+    down = torch.where(k0 > 0, down, inf)
+    flip = (a + mags[k0]) ** 2
+    fix = imp * (torch.minimum(torch.minimum(up, down), flip) - base)
+    k = k0.clone()
+    bad = ((k.sum(-1) + neg.sum(-1)) % 2) == 1
+    j = fix.argmin(-1)
+    rows = torch.nonzero(bad)[:, 0]
+    jj = j[rows]
+    kj, aj = k0[rows, jj], a[rows, jj]
+    best_move = torch.stack([torch.where(kj < 2, up[rows, jj], inf[rows, jj]),
+                             torch.where(kj > 0, down[rows, jj], inf[rows, jj]),
+                             flip[rows, jj]], -1).argmin(-1)       # 0 up, 1 down, 2 flip
+    k[rows, jj] = torch.where(best_move == 0, kj + 1, torch.where(best_move == 1, kj - 1, kj))
+    neg[rows, jj] = torch.where(best_move == 2, ~neg[rows, jj], neg[rows, jj])
+    del aj
+    index = lookup[(k * 3 ** torch.arange(GROUP)).sum(-1)]
+    out = torch.nonzero(index < 0)[:, 0]
+    for c0 in range(0, len(out), chunk):                         # outside the codebook: every entry
+        g = out[c0:c0 + chunk]
+        ag, ig, ng = a[g], imp[g], t[g] < 0
+        c = ig * ag
+        # sum_j imp_j (a_j - m_j)^2 of every entry, expanded into two matrix products
+        err = (c * ag).sum(-1, keepdim=True) - 2 * c @ grid.T + ig @ (grid * grid).T      # [c, 512]
+        wrong = ((grid.sum(-1)[None] / 2 + ng.sum(-1, keepdim=True)) % 2) == 1
+        # an entry of the wrong parity also flips its cheapest sign (4 imp_j a_j m_j); rank
+        # by a lower bound of that (4 min_j imp_j a_j) and price a shortlist exactly
+        bound = err + torch.where(wrong, 4 * c.amin(-1, keepdim=True), torch.zeros_like(err))
+        top = bound.topk(SHORTLIST, dim=-1, largest=False).indices                    # [c, K]
+        flip = 4 * c[:, None, :] * grid[top]                                           # [c, K, 8]
+        cost = err.gather(1, top) + torch.where(wrong.gather(1, top), flip.amin(-1), torch.zeros(()))
+        pick = cost.argmin(-1)
+        e = top.gather(1, pick[:, None])[:, 0]
+        index[g] = e
+        sign = ng.clone()
+        r = torch.arange(len(g))
+        jf = flip[r, pick].argmin(-1)
+        fixit = wrong[r, e]
+        sign[fixit, jf[fixit]] ^= True
+        neg[g] = sign
+    return index, neg
+
+
+def e8_values(index: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Signed codebook points [..., 8] of ``index`` [...] (in units of the group's scale)."""
+    m = _e8_tables()[0][index]
+    return torch.where(negative, -m, m)
+
+
+def store_e8_units(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-block units [..., 4] -> as the file stores them: (d fp16 [...], q [..., 4] in 1..16),
+    d = fp16(max unit), unit = d q / 16."""
+    d = units.amax(-1).to(torch.float16)
+    df = d.to(torch.float32)[..., None]
+    q = torch.clamp(torch.floor(units / torch.where(df > 0, df, torch.ones_like(df)) * E8_SCALE_STEPS + 0.5),
+                    1, E8_SCALE_STEPS)
+    return d, torch.where(df > 0, q, torch.ones_like(q))
+
+
+def _e8_sub(x: torch.Tensor) -> torch.Tensor:
+    """[..., 64k] -> [..., k, 4, 2, 8]: blocks, sub-blocks, groups."""
+    return x.reshape(*x.shape[:-1], -1, E8_N_SUB, E8_SUB // GROUP, GROUP)
+
+
+def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Config()) -> torch.Tensor:
+    """Per sub-block of 16 weights of blocks ``wb`` [..., 64] the unit (scale of codebook
+    magnitude 1) among ``cfg.search`` x its rms with the smallest importance-weighted
+    error, then refitted by weighted least squares with the codes held -> float [..., 4]."""
+    x, ii = _e8_sub(wb)[..., 0, :, :, :], _e8_sub(imp)[..., 0, :, :, :]      # [..., 4, 2, 8]
+    rms = torch.clamp(x.pow(2).mean((-1, -2)).sqrt(), min=1e-30)                # [..., 4]
+    best = best_err = None
+
+    def consider(unit):
+        nonlocal best, best_err
+        unit = torch.clamp(unit, min=1e-30)
+        u = unit[..., None, None]
+        idx, neg = e8_round((x / u).reshape(-1, GROUP), ii.reshape(-1, GROUP))
+        c = e8_values(idx, neg).reshape(x.shape)
+        err = (ii * (x - u * c) ** 2).sum((-1, -2))
+        if best is None:
+            best, best_err = unit, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, unit, best), torch.minimum(err, best_err)
+        return c
+
+    for f in cfg.search:
+        consider(rms * f)
+    for _ in range(cfg.refits):
+        u = best[..., None, None]
+        idx, neg = e8_round((x / u).reshape(-1, GROUP), ii.reshape(-1, GROUP))
+        c = e8_values(idx, neg).reshape(x.shape)
+        consider((ii * x * c).sum((-1, -2)) / torch.clamp((ii * c * c).sum((-1, -2)), min=1e-30))
+    return best
+
+
+def round_e8_block(wb: torch.Tensor, imp: torch.Tensor, d: torch.Tensor, q: torch.Tensor):
+    """Codes of blocks ``wb`` [..., 64] on the stored scales (d [...], q [..., 4]) ->
+    (index [..., 8], negative bool [..., 64], dequantized float [..., 64]); exactly the
+    values the file decodes."""
+    unit = (d.to(torch.float32)[..., None] * q / E8_SCALE_STEPS)                # [..., 4]
+    u = torch.where(unit > 0, unit, torch.ones_like(unit))
+    u = u.repeat_interleave(E8_SUB // GROUP, dim=-1)[..., None]                  # [..., 8, 1]
+    shape = wb.shape[:-1]
+    g = wb.reshape(*shape, N_GROUPS, GROUP)
+    idx, neg = e8_round((g / u).reshape(-1, GROUP), imp.reshape(-1, GROUP))
+    idx, neg = idx.reshape(*shape, N_GROUPS), neg.reshape(*shape, BLOCK)
+    qi = q.to(torch.int32).repeat_interleave(E8_SUB, dim=-1)
+    n = e8_values(idx, neg.reshape(*shape, N_GROUPS, GROUP)).reshape(*shape, BLOCK).to(torch.int32) * qi
+    return idx, neg, d.to(torch.float32)[..., None] * n.to(torch.float32) / 16
+
+
+def e8_codes(d: torch.Tensor, q: torch.Tensor, index: torch.Tensor, negative: torch.Tensor) -> E8Codes:
+    return E8Codes(d=d.to(torch.float16).numpy(), scales=q.to(torch.uint8).numpy(),
+                   index=index.to(torch.int64).numpy().astype(np.uint16), negative=negative.numpy().astype(bool))
+
+
+def quantize_e8(weight: torch.Tensor, importance: torch.Tensor | None = None,
+                cfg: E8Config = E8Config()) -> E8Codes:
+    """Round-to-nearest HIQ2_E8 with importance-weighted searched sub-block scales."""
+    w = weight.detach().to(torch.float32)
+    wb = _blocks(w)
+    imp = _blocks(floored_importance(importance, w, RTNConfig(importance_floor=cfg.importance_floor)))
+    d, q = store_e8_units(search_e8_units(wb, imp, cfg))
+    idx, neg, _ = round_e8_block(wb, imp, d, q)
+    return e8_codes(d, q, idx, neg)
+
+
+def quantize_member(weight: torch.Tensor, qtype: HIQ2Type | E8Type, importance: torch.Tensor | None = None
+                    ) -> Codes | E8Codes:
+    """Importance-weighted round-to-nearest codes of ``weight`` as any of our types."""
+    if isinstance(qtype, E8Type):
+        return quantize_e8(weight, importance)
+    return quantize_rtn(weight, qtype.n_high, importance)
+
+
+def dequantize_torch(codes: Codes | E8Codes) -> torch.Tensor:
+    """PyTorch fake-quantization: w = d * (16 L - z) / 16, or for HIQ2_E8 d * n / 16,
+    in float32 (exact)."""
+    if isinstance(codes, E8Codes):
+        d = torch.from_numpy(np.ascontiguousarray(codes.d)).to(torch.float32)
+        n = torch.from_numpy(codes.integers()).to(torch.float32)
+        w = d[..., None] * n / 16
+        return w.reshape(w.shape[0], -1)
     d = torch.from_numpy(np.ascontiguousarray(codes.d)).to(torch.float32)
     z = torch.from_numpy(np.ascontiguousarray(codes.z)).to(torch.int32)
     lv = torch.from_numpy(np.ascontiguousarray(codes.levels)).to(torch.int32)

@@ -204,12 +204,12 @@ class ResumableQuantizeFn:
             self.loaded = (b, self.store.load(b))
         return self.loaded[1]
 
-    def __call__(self, name: str, weight: torch.Tensor, n_high: int) -> Codes:
+    def __call__(self, name: str, weight: torch.Tensor, qtype) -> Codes:
         b = self.block_index(name)
         if self.done(b):
             qtype, raw = self.packed(b)[name]
             return qtype.unpack(raw)
-        codes = self.inner(name, weight, n_high)
+        codes = self.inner(name, weight, qtype)
         if b is None:
             return codes
         self.pending[name] = codes

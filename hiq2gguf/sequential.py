@@ -30,7 +30,7 @@ from tqdm import tqdm
 from hiq2gguf.formats import Codes, HIQ2Type
 from hiq2gguf.gptq import GPTQ
 from hiq2gguf.learned import STAGES, FixedCodes, ReconstructionConfig, preset, start_stage, train_stage
-from hiq2gguf.quantize import dequantize_torch, quantize_rtn
+from hiq2gguf.quantize import dequantize_torch, quantize_member
 
 METHODS = ("rtn", "gptq", *STAGES)
 
@@ -120,7 +120,7 @@ class BlockRecord:
 
 
 class BlockSequential:
-    """quantize_fn(name, weight, n_high) -> Codes, block by block (see module docstring)."""
+    """quantize_fn(name, weight, qtype) -> codes, block by block (see module docstring)."""
 
     def __init__(self, method: str, model, plan: dict[str, HIQ2Type], windows: list[list[int]],
                  fisher: dict[str, torch.Tensor] | None = None, recon: ReconstructionConfig | None = None,
@@ -146,11 +146,11 @@ class BlockSequential:
         self.bar = None
 
     # ---- quantize_fn ------------------------------------------------------
-    def __call__(self, name: str, weight: torch.Tensor, n_high: int) -> Codes:
+    def __call__(self, name: str, weight: torch.Tensor, qtype) -> Codes:
         if name not in self.block_of:       # a linear weight outside the blocks
-            return quantize_rtn(weight, n_high, self.fisher.get(name))
-        if n_high != self.plan[name].n_high:
-            raise ValueError(f"{name}: asked for {n_high} high groups, the plan says {self.plan[name].n_high}")
+            return quantize_member(weight, qtype, self.fisher.get(name))
+        if qtype != self.plan[name]:
+            raise ValueError(f"{name}: asked for {qtype.name}, the plan says {self.plan[name].name}")
         while name not in self.codes:
             if self.next_block > self.block_of[name]:
                 raise RuntimeError(f"{name}: its block was already quantized and handed out")
@@ -213,8 +213,8 @@ class BlockSequential:
             for h in hooks:
                 h.remove()
         params = dict(block.named_parameters())
-        return {n: (gptq[n].quantize(params[local[n]].data, self.plan[n].n_high, self.fisher.get(n)),
-                    gptq[n].rounded) for n in names}
+        return {n: (gptq[n].quantize_as(params[local[n]].data, self.plan[n], self.fisher.get(n)), gptq[n].rounded)
+                for n in names}
 
     def _learned(self, block, names, local, y, i) -> tuple[dict[str, Codes], list[dict]]:
         params = dict(block.named_parameters())
@@ -227,7 +227,7 @@ class BlockSequential:
                 stats.append({"stage": "GPTQ", "seconds": round(time.time() - t0, 2)})
                 prev = qs
                 continue
-            qs = {n: start_stage(kind, params[local[n]].data, self.plan[n].n_high, self.fisher.get(n), prev[n],
+            qs = {n: start_stage(kind, params[local[n]].data, self.plan[n], self.fisher.get(n), prev[n],
                                  self.recon) for n in names}
             steps, lr = self.recon.steps(kind)
             r = train_stage(lambda w, x: self._run(i, w, x),
@@ -245,5 +245,5 @@ def block_quantize_fn(method: str, model, plan: dict[str, HIQ2Type], windows: li
     layer, the others block-sequentially on the calibration ``windows``."""
     if method == "rtn":
         fisher = fisher or {}
-        return lambda name, w, n_high: quantize_rtn(w, n_high, fisher.get(name))
+        return lambda name, w, qtype: quantize_member(w, qtype, fisher.get(name))
     return BlockSequential(method, model, plan, windows, fisher, recon, progress)

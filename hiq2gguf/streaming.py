@@ -486,7 +486,7 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
             params = dict(block.named_parameters())
             prefix = sm.blocks[b][0]
             for n in (n for n in names if conv.block_index(n) == b):
-                rfn(n, params[n[len(prefix):]].data, plan[n].n_high)
+                rfn(n, params[n[len(prefix):]].data, plan[n])
             del params                                 # this block's weights go with the block
     report["method"] = cfg.method
     report["blocks"] = [asdict(r) for r in rfn.records]

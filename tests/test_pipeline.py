@@ -23,9 +23,9 @@ def test_file_equals_fake_quant_bit_for_bit(tiny_llama_dir, smollm_tokenizer, tm
     fisher, hessians = collect_fisher(model, params, windows, progress=False, hessians=True)
     assert all(float(f.sum()) > 0 for f in fisher.values())
     assert all(h.n == 200 for h in hessians.values())   # every token of both windows
-    plan = {n: get_type(100 + i % 9) for i, n in enumerate(params)}   # every member in one file
+    plan = {n: get_type(100 + i % 10) for i, n in enumerate(params)}   # every type (H0..H8, E8) in one file
     packed, stock = quantize_model(
-        model, conv, plan, lambda n, w, h: hessians[n].quantize(w, h, fisher[n]), progress=False)
+        model, conv, plan, lambda n, w, t: hessians[n].quantize_as(w, t, fisher[n]), progress=False)
     out = tmp_path / "tiny.gguf"
     write_gguf(out, conv, model, source, tok, packed, stock, {})
     stored = dequantized_state(out, conv, {n: tuple(p.shape) for n, p in model.state_dict().items()})

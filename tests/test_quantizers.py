@@ -35,7 +35,7 @@ def fit_layer(method, W, chunks, n_high, cfg=CFG):
         if kind is GPTQ:
             prev = FixedCodes(*gptq_layer(W, chunks, n_high))
             continue
-        q = start_stage(kind, W, n_high, None, prev, cfg)
+        q = start_stage(kind, W, get_type(100 + n_high), None, prev, cfg)
         train_stage(linear, {"weight": q}, chunks, targets, *cfg.steps(kind), cfg)
         prev = q
     return prev
@@ -92,7 +92,7 @@ def test_gptq_hybrid_beats_gptq_with_low_groups_frozen(n_high):
     are on the format grid."""
     W, chunks, X_test = layer_problem(30 + n_high)
     rounded, gptq_codes = gptq_layer(W, chunks, n_high)
-    q = start_stage(AdaRound, W, n_high, None, FixedCodes(rounded, gptq_codes), CFG)
+    q = start_stage(AdaRound, W, get_type(100 + n_high), None, FixedCodes(rounded, gptq_codes), CFG)
     start = torch.from_numpy(gptq_codes.levels.astype(np.float32))
     assert torch.equal(q.hard_levels(), start)
     train_stage(linear, {"weight": q}, chunks, [x @ W.T for x in chunks], *CFG.steps(AdaRound), CFG)
@@ -141,7 +141,7 @@ def test_learned_output_is_on_the_format_grid(kind, n_high):
     W = torch.randn(16, 192, generator=g) * 0.03
     W[0, :64] = 0                                  # an all-zero block
     W[1, 7] = 0.9                                  # an outlier that clipping cuts
-    q = start_stage(kind, W, n_high, torch.rand(16, 192, generator=g), None)
+    q = start_stage(kind, W, t, torch.rand(16, 192, generator=g), None)
     X = [torch.randn(64, 192, generator=g) for _ in range(4)]
     train_stage(linear, {"weight": q}, X, [x @ W.T for x in X], 20, 5e-2, ReconstructionConfig())
     codes = q.codes()

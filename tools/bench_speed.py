@@ -153,7 +153,7 @@ class Files:
             qtype = get_type(packed_type)
             plan = {name: qtype for name in check_shapes(model, converter)}
 
-            def reference_codes(name, w, n_high):   # the C/numpy reference quantizer: fast
+            def reference_codes(name, w, _qtype):   # the C/numpy reference quantizer: fast
                 return qtype.unpack(qtype.quantize_ref(w.numpy()))
 
             packed, stock = quantize_model(model, converter, plan, reference_codes, progress=False)
