@@ -265,6 +265,7 @@ class E8Type:
     type_id = FIRST_TYPE_ID + N_GROUPS + 1
     name = "HIQ2_E8"
     block_size = BLOCK
+    ratio = 0.0                                         # no high groups
     type_size = 2 + E8_N_SUB // 2 + 2 * N_GROUPS       # fp16 d, 4 nibbles, 8 x u16 codes = 20
 
     @property

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hiq2gguf.formats import HIQ2_TYPES
+from hiq2gguf.formats import ALL_TYPES
 from hiq2gguf.gguf_io import field_value, open_reader
 
 
@@ -22,13 +22,13 @@ def inspect_gguf(path: str | Path) -> dict:
     for t in reader.tensors:
         shape = [int(x) for x in reversed(t.shape.tolist())]   # rows first, like torch
         elements = int(np.prod(shape))
-        ours = int(t.tensor_type) in HIQ2_TYPES
-        name = HIQ2_TYPES[int(t.tensor_type)].name if ours else t.tensor_type.name
+        ours = int(t.tensor_type) in ALL_TYPES
+        name = ALL_TYPES[int(t.tensor_type)].name if ours else t.tensor_type.name
         tensors.append({
             "name": t.name, "type": name, "shape": shape, "elements": elements,
             "bytes": int(t.n_bytes), "bpw": t.n_bytes * 8 / elements, "ours": ours,
             "linear": is_linear_weight(t.name, shape),
-            "ratio": HIQ2_TYPES[int(t.tensor_type)].ratio if ours else None,
+            "ratio": ALL_TYPES[int(t.tensor_type)].ratio if ours else None,
         })
     file_bytes = Path(path).stat().st_size
     params = sum(t["elements"] for t in tensors)

@@ -10,13 +10,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from hiq2gguf.formats import BLOCK, HIQ2_TYPES, FormatError, HIQ2Type, get_type, max_bpw, min_bpw
+from hiq2gguf.formats import ALL_TYPES, BLOCK, HIQ2_TYPES, E8Type, FormatError, HIQ2Type, get_type, max_bpw, min_bpw
 from hiq2gguf.optimize import RatioProblem, solve
-from hiq2gguf.quantize import RTNConfig, dequantize_torch, quantize_rtn_members
+from hiq2gguf.quantize import E8Config, RTNConfig, dequantize_torch, quantize_e8, quantize_rtn_members
 
 # Candidate perturbations only need to be representative, not the final rounding:
 # a coarser range search keeps estimating M cheap.
 ESTIMATE_RTN = RTNConfig(shrink=(1.0, 0.8, 0.6))
+ESTIMATE_E8 = E8Config(search=(0.3, 0.4, 0.5, 0.6, 0.8), refits=1)
 
 
 class BudgetError(ValueError):
@@ -35,7 +36,8 @@ def check_budget(bpw: float) -> None:
 
 
 def fixed_ratio_type(bpw: float) -> HIQ2Type:
-    """The family member with the most high groups whose size fits the budget."""
+    """The H-family member with the most high groups whose size fits the budget (the
+    paper's fixed ratio)."""
     check_budget(bpw)
     fitting = [t for t in HIQ2_TYPES.values() if t.bpw <= bpw + 1e-9]
     return max(fitting, key=lambda t: t.n_high)
@@ -47,11 +49,11 @@ def fixed_plan(shapes: dict[str, tuple[int, int]], bpw: float) -> dict[str, HIQ2
 
 
 def candidate_types(bpw: float, spread: float = 1.0) -> list[HIQ2Type]:
-    """Members within ``spread`` bits per weight of the budget (the optimizer's choices)."""
+    """Our types within ``spread`` bits per weight of the budget (the optimizer's choices)."""
     check_budget(bpw)
     top = min(bpw, max_bpw())            # a budget above the largest member still has candidates
     lo, hi = top - spread, min(top + spread, max_bpw())
-    return [t for t in HIQ2_TYPES.values() if lo - 1e-9 <= t.bpw <= hi + 1e-9]
+    return sorted((t for t in ALL_TYPES.values() if lo - 1e-9 <= t.bpw <= hi + 1e-9), key=lambda t: (t.bpw, t.name))
 
 
 class Candidate(Protocol):
@@ -83,9 +85,9 @@ def layer_deltas(cands: list[Candidate], name: str, w: torch.Tensor) -> list[tor
 
 @dataclass(frozen=True)
 class HIQ2Candidate:
-    """An HIQ2 member; Delta from Fisher-weighted RTN (a representative, cheap rounding)."""
+    """One of our types; Delta from Fisher-weighted RTN (a representative, cheap rounding)."""
 
-    qtype: HIQ2Type
+    qtype: HIQ2Type | E8Type
     fisher: dict = field(repr=False, compare=False, hash=False)
 
     def bits(self, shape: tuple[int, int]) -> int:
@@ -93,9 +95,14 @@ class HIQ2Candidate:
 
     @staticmethod
     def deltas(cands: list[HIQ2Candidate], name: str, w: torch.Tensor) -> list[torch.Tensor]:
-        # one range search serves every member (quantize_rtn_members)
-        codes = quantize_rtn_members(w, [c.qtype.n_high for c in cands], cands[0].fisher[name], ESTIMATE_RTN)
-        return [dequantize_torch(c) - w for c in codes]
+        fisher = cands[0].fisher[name]
+        members = [c for c in cands if isinstance(c.qtype, HIQ2Type)]
+        # one range search serves every H member (quantize_rtn_members)
+        codes = dict(zip(members, quantize_rtn_members(w, [c.qtype.n_high for c in members], fisher, ESTIMATE_RTN)))
+        for c in cands:
+            if isinstance(c.qtype, E8Type):
+                codes[c] = quantize_e8(w, fisher, ESTIMATE_E8)
+        return [dequantize_torch(codes[c]) - w for c in cands]
 
 
 @dataclass
@@ -117,7 +124,8 @@ def hiq2_candidates(names, fisher, bpw: float, cfg: RatioConfig) -> CandidateSet
     types = parse_ratios(cfg.ratios) if cfg.ratios else candidate_types(bpw)
     fixed = fixed_ratio_type(bpw) if bpw >= min_bpw() - 1e-9 else None
     return CandidateSet({n: [HIQ2Candidate(t, fisher) for t in types] for n in names},
-                        {"candidates": tuple(t.name for t in types), "rtn": repr(ESTIMATE_RTN)},
+                        {"candidates": tuple(t.name for t in types), "rtn": repr(ESTIMATE_RTN),
+                         **({"e8": repr(ESTIMATE_E8)} if any(isinstance(t, E8Type) for t in types) else {})},
                         fixed if fixed in types else None)
 
 
@@ -155,22 +163,22 @@ class RatioConfig:
 
 
 def parse_ratios(spec: str) -> list[HIQ2Type]:
-    """``"H0,H2,HIQ2_H4"`` or ratios of high groups ``"0,0.25,0.5"`` -> family members."""
+    """``"H0,H2,HIQ2_H4,E8"`` or ratios of high groups ``"0,0.25,0.5"`` -> our types."""
     out = []
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         name = item.upper()
-        if not name.startswith("HIQ2_") and name.startswith("H"):
+        if not name.startswith("HIQ2_") and name[:1] in ("H", "E"):
             name = "HIQ2_" + name
         if name.startswith("HIQ2_"):
             try:
                 t = get_type(name)
             except FormatError:
-                raise BudgetError(f"--ratios: unknown member {item!r} (HIQ2_H0 .. HIQ2_H8)") from None
+                raise BudgetError(f"--ratios: unknown member {item!r} (HIQ2_H0 .. HIQ2_H8, HIQ2_E8)") from None
         else:
             try:
                 r = float(item)
             except ValueError:
-                raise BudgetError(f"--ratios: {item!r} is neither a member (H0..H8) nor a ratio") from None
+                raise BudgetError(f"--ratios: {item!r} is neither a member (H0..H8, E8) nor a ratio") from None
             n_high = r * 8
             if abs(n_high - round(n_high)) > 1e-6 or not 0 <= n_high <= 8:
                 raise BudgetError(f"--ratios: {item} is not a storable ratio (multiples of 1/8 from 0 to 1)")
@@ -179,7 +187,7 @@ def parse_ratios(spec: str) -> list[HIQ2Type]:
             out.append(t)
     if not out:
         raise BudgetError("--ratios: no candidates given")
-    return sorted(out, key=lambda t: t.n_high)
+    return sorted(out, key=lambda t: (t.bpw, t.name))
 
 
 def optimized_plan(model, params: dict[str, torch.nn.Parameter], fisher: dict[str, torch.Tensor],
