@@ -46,11 +46,11 @@ from bench_models import resolve_model  # noqa: E402
 from compare_stock import f32_gguf, imatrix_path, stock_at, stock_front, work_dir  # noqa: E402
 
 from hiq2gguf import formats  # noqa: E402
-from hiq2gguf.quantize import dequantize_torch, quantize_rtn  # noqa: E402
+from hiq2gguf.quantize import dequantize_torch, quantize_member  # noqa: E402
 from hiq2gguf.stock import StockType, ggml, parse_stock_types  # noqa: E402
 
 STOCK_DEFAULT = "IQ2_XXS,IQ2_XS,IQ2_S,Q2_K,IQ3_XXS,IQ3_S,Q3_K,IQ4_NL,Q4_0"
-OURS_DEFAULT = "0,1,2,3,4,6"
+OURS_DEFAULT = "e8,0,1,2,3,4,6"
 CALIB_WINDOWS = 16        # compare_stock's default: its importance matrix is the one used
 
 
@@ -103,7 +103,20 @@ def load_inputs(model: str, names: list[str], rows: int, threads: int, log):
     return model_name, out
 
 
-def measure(w: np.ndarray, imp: np.ndarray, stock: list[StockType], ours: list[int], threads: int,
+def parse_ours(spec: str) -> list:
+    """``"e8,0,2"`` -> our types (H members by their number of high groups)."""
+    out = []
+    for item in (s.strip().lower() for s in spec.split(",") if s.strip()):
+        if item == "e8":
+            out.append(formats.E8)
+        elif item.isdigit() and 0 <= int(item) <= formats.N_GROUPS:
+            out.append(formats.get_type(int(item) + formats.FIRST_TYPE_ID))
+        else:
+            raise WeightErrorError(f"--ours: {item!r} is not one of our types (0..{formats.N_GROUPS}, e8)")
+    return out
+
+
+def measure(w: np.ndarray, imp: np.ndarray, stock: list[StockType], ours: list, threads: int,
             lab: list | None = None) -> dict:
     """-> {type name: (bpw, error)} for one weight; stock types its rows do not fit are left out.
     ``lab``: candidate layouts of tools/format_lab.py, measured like our members."""
@@ -116,9 +129,8 @@ def measure(w: np.ndarray, imp: np.ndarray, stock: list[StockType], ours: list[i
         res[t.name] = (t.bpw, relative_error(w, lib.dequantize(t, raw, w.shape[1]), imp))
     wt = torch.from_numpy(w)
     it = torch.from_numpy(imp).expand_as(wt).contiguous()
-    for h in ours:
-        qt = formats.get_type(h + formats.FIRST_TYPE_ID)
-        q = dequantize_torch(quantize_rtn(wt, h, it)).numpy()
+    for qt in ours:
+        q = dequantize_torch(quantize_member(wt, qt, it)).numpy()
         res[qt.name] = (qt.bpw, relative_error(w, q, imp))
     for lay in lab or []:
         res[lay.name] = (lay.bpw, relative_error(w, lay.quantize(wt, torch.from_numpy(imp)).numpy(), imp))
@@ -165,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="BLOCK.KIND[,...] (GGUF names without blk. and .weight)")
     ap.add_argument("--rows", type=int, default=512, help="first rows of each weight (0: all)")
     ap.add_argument("--stock", default=STOCK_DEFAULT)
-    ap.add_argument("--ours", default=OURS_DEFAULT, help="HIQ2 members by number of high groups")
+    ap.add_argument("--ours", default=OURS_DEFAULT,
+                    help="our types: H members by number of high groups, e8 for HIQ2_E8")
     ap.add_argument("--lab", help="candidate layouts of tools/format_lab.py to measure too (names, or all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the per-weight results here")
@@ -177,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         names = [f"blk.{s.strip()}.weight" for s in args.weights.split(",") if s.strip()]
-        ours = [int(h) for h in args.ours.split(",") if h.strip()]
-        if bad := [h for h in ours if not 0 <= h <= formats.N_GROUPS]:
-            raise WeightErrorError(f"--ours: {bad} are not HIQ2 members (0..{formats.N_GROUPS})")
+        ours = parse_ours(args.ours)
         stock = parse_stock_types(args.stock)      # an unknown name fails here, before any work
         lab = parse_layouts(args.lab)
     except ValueError as e:
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, (w, imp) in inputs.items():
         per_weight[n] = measure(w, imp, stock, ours, args.threads, lab)
         log(f"{n} {tuple(w.shape)}: " + "  ".join(f"{k} {e:.4f}" for k, (_, e) in per_weight[n].items()))
-    ours_names = {formats.get_type(h + formats.FIRST_TYPE_ID).name for h in ours} | {lay.name for lay in lab}
+    ours_names = {t.name for t in ours} | {lay.name for lay in lab}
     print(report(per_weight, model_name, ours_names))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model_name, "rows": args.rows, "weights": {
