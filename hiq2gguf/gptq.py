@@ -111,13 +111,16 @@ class GPTQ:
             W1 = W[:, c0:c1].clone()
             Err = torch.zeros_like(W1)
             Hb = Hinv[c0:c1, c0:c1]
+            # a column's rounding error costs (w - q)^2 / U_jj^2 in GPTQ's objective: the
+            # metric of the vector rounding (a scalar grid's nearest level needs none)
+            metric = 1 / torch.diag(Hb) ** 2
             df = d.to(torch.float32)
             for g in range(N_GROUPS):
                 g0, g1 = g * GROUP, (g + 1) * GROUP
                 qg = q[:, g0 // E8_SUB]
                 unit = df * qg / E8_SCALE_STEPS
                 unit = torch.where(unit > 0, unit, torch.ones_like(unit))
-                idx, neg = e8_round(W1[:, g0:g1] / unit[:, None], imp[:, c0 + g0:c0 + g1])
+                idx, neg = e8_round(W1[:, g0:g1] / unit[:, None], metric[g0:g1].expand(rows, GROUP))
                 idx_all[:, b, g] = idx
                 neg_all[:, b, g0:g1] = neg
                 wq = df[:, None] * (e8_values(idx, neg) * qg[:, None]) / 16     # exactly as decoded

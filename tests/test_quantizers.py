@@ -171,7 +171,7 @@ def test_block_sequential_file_equals_fake_quant(method, tiny_llama_dir, tmp_pat
     ids = tok("The quick brown fox jumps over the lazy dog. " * 40, add_special_tokens=False)["input_ids"]
     windows = [ids[i * 64:(i + 1) * 64] for i in range(4)]
     fisher = collect_fisher(model, params, windows, progress=False)
-    plan = {n: get_type(100 + (2 * i) % 9) for i, n in enumerate(params)}
+    plan = {n: get_type(100 + (3 * i) % 10) for i, n in enumerate(params)}     # H members and E8
     cfg = ReconstructionConfig(lwc_steps=5, adaround_steps=10)
     fn = BlockSequential(method, model, plan, windows, fisher, cfg, progress=False)
     packed, stock = quantize_model(model, conv, plan, fn, progress=False)
