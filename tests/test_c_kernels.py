@@ -1,7 +1,7 @@
 """The C kernels of the patched llama.cpp against the numpy reference (hiq2gguf.formats).
 
 Loads libggml-base / libggml-cpu of the built runtime with ctypes and checks,
-for every HIQ2 type and for every build of libggml-cpu: the runtime's own
+for every type of ours (the H family and HIQ2_E8) and for every build of libggml-cpu: the runtime's own
 (-march=native; on an AVX-512 host its AVX-512 kernels) and the CPU variants
 (runtime.CPU_VARIANTS: AVX2, and the portable C), which are built on first use
 and run here when the CPU can execute them:
@@ -11,10 +11,13 @@ and run here when the CPU can execute them:
     == formats.quantize_ref, byte for byte;
   * vec_dot against Q8_0 == float64 dequant(w) . dequant(q8_0(y)) within
     VEC_DOT_RTOL * sum |w_i y_i| (float32 accumulation over <= 24 blocks);
-  * vec_dot's 2 x 2 tile and the GEMM of the llamafile_sgemm hook (every build has one)
+  * vec_dot's 2 x 2 tile and the GEMM of the llamafile_sgemm hook (every build has one
+    for the H family; HIQ2_E8 has neither: one product per call, the hook declines it)
     within the same bound, and a mul_mat graph on the CPU backend;
-  * ggml_validate_row_data accepts valid rows and rejects a bad mask popcount,
+  * ggml_validate_row_data accepts valid rows and rejects a bad mask popcount (H family),
     NaN / inf / negative scales;
+  * the HIQ2_E8 codebook in ggml-base is formats.E8_GRID, and the committed header
+    kernels/ggml/hiq2-e8grid.h is what gen_e8grid.py writes;
   * each library's kernels are its own (not interposed by another loaded build) and
     use the vector registers of its instruction set, no wider (objdump).
 Skipped (with the reason) when the runtime is not built.
@@ -27,20 +30,22 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hiq2gguf import runtime
-from hiq2gguf.formats import HIQ2_TYPES, get_type
+from hiq2gguf.formats import ALL_TYPES, E8, E8_GRID, E8_PARITY, HIQ2_TYPES, HIQ2Type, get_type
 
 GGML_TYPE_Q8_0 = 8
 QK8_0 = 32
 Q8_0_BYTES = 34
 VEC_DOT_RTOL = 1e-5
 
-TYPES = sorted(HIQ2_TYPES)           # ids 100..108
+TYPES = sorted(ALL_TYPES)            # ids 100..109: the H family and HIQ2_E8
+H_TYPES = sorted(HIQ2_TYPES)         # ids 100..108: what has a 2 x 2 tile, a GEMM and a mask
 COLS = [64, 576, 1536]
 
 
@@ -187,6 +192,14 @@ def _float_cases(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
                            rng.standard_normal((rows, cols)), 0).astype(f32),
     }
     cases["outliers"][:, rng.integers(0, cols, 3)] = f32(3.0)
+    # real-ish weights with one huge value per row, and with whole blocks of zeros
+    one_huge = (rng.standard_normal((rows, cols)) * 0.02).astype(f32)
+    one_huge[np.arange(rows), rng.integers(0, cols, rows)] = f32(40.0)
+    cases["one_huge"] = one_huge
+    zero_blocks = (rng.standard_normal((rows, cols)) * 0.02).astype(f32)
+    zero_blocks.reshape(rows, -1, 64)[:, ::2] = 0
+    zero_blocks[0] = 0                                                   # and an all-zero row
+    cases["zero_blocks"] = zero_blocks
     # blocks where one group alone is large and the rest identical (tie handling)
     t = np.full((rows, cols), 0.5, f32)
     t[:, 8:16] = 2.0
@@ -195,7 +208,8 @@ def _float_cases(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def _random_raw(t, rows: int, cols: int, seed: int) -> np.ndarray:
-    """Random valid blocks: any finite fp16 d (incl. subnormal/negative), any z/codes, popcount(mask)=H."""
+    """Random blocks: any finite fp16 d (incl. subnormal/negative), any other bits; for the H
+    family popcount(mask) = H (every HIQ2_E8 bit pattern of scales and codes is valid)."""
     rng = np.random.default_rng(seed)
     nb = cols // 64
     raw = rng.integers(0, 256, (rows, nb, t.type_size), dtype=np.uint8)
@@ -204,6 +218,8 @@ def _random_raw(t, rows: int, cols: int, seed: int) -> np.ndarray:
     d[:, 1::5] = np.float16(65504)
     d = np.where(np.isfinite(d), d, np.float16(1.0)).astype(np.float16)
     raw[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(rows, nb, 2)
+    if not isinstance(t, HIQ2Type):
+        return raw.reshape(rows, nb * t.type_size)
     masks = np.zeros((rows, nb), np.uint8)
     for r in range(rows):
         for b in range(nb):
@@ -247,7 +263,8 @@ def test_traits(ggml, type_id):
     cpu = ggml.traits_cpu(type_id)
     assert cpu.from_float and cpu.vec_dot
     assert cpu.vec_dot_type == GGML_TYPE_Q8_0
-    assert cpu.nrows in (1, 2)
+    # HIQ2_E8's vec_dot computes one product per call
+    assert cpu.nrows in ((1, 2) if type_id in HIQ2_TYPES else (1,))
 
 
 @pytest.mark.parametrize("cols", COLS)
@@ -299,6 +316,18 @@ def test_vec_dot_q8_0(ggml, type_id, cols):
             assert abs(got - ref) <= tol, f"{name} row {r}: C={got!r} ref={ref!r} tol={tol:g}"
 
 
+@pytest.mark.parametrize("cols", COLS)
+@pytest.mark.parametrize("type_id", TYPES)
+def test_vec_dot_random_blocks(ggml, type_id, cols):
+    """Random blocks (every code, the largest |n| and d up to 65504) against float64."""
+    t = get_type(type_id)
+    raw = _random_raw(t, 4, cols, seed=type_id * 5 + cols)
+    wd = t.dequantize(raw).astype(np.float64)
+    q8, yd = _q8_columns(ggml, cols, 3, seed=type_id + 17 * cols)
+    got = np.array([[ggml.vec_dot(type_id, raw[r], q8[c], cols) for c in range(3)] for r in range(4)])
+    _check_products(got, wd, yd, "vec_dot, random blocks")
+
+
 def _q8_columns(ggml, cols: int, ncols: int, seed: int):
     """ncols random activation columns as Q8_0 rows, and their exact float64 values."""
     rng = np.random.default_rng(seed)
@@ -318,7 +347,7 @@ def _check_products(got: np.ndarray, wd: np.ndarray, yd: np.ndarray, what: str) 
 
 
 @pytest.mark.parametrize("cols", [576, 1536])
-@pytest.mark.parametrize("type_id", TYPES)
+@pytest.mark.parametrize("type_id", H_TYPES)
 def test_vec_dot_2x2_tile(ggml, type_id, cols):
     """nrc == 2 (ggml's 2 rows x 2 columns call, used when the traits say nrows == 2)."""
     t = get_type(type_id)
@@ -334,16 +363,21 @@ def test_vec_dot_2x2_tile(ggml, type_id, cols):
     _check_products(got, wd, yd, "2x2 tile")
 
 
-@pytest.mark.parametrize("shape", [(7, 6, 576), (4, 9, 1536), (1, 3, 64)])
-@pytest.mark.parametrize("type_id", TYPES)
-def test_sgemm(ggml, type_id, shape):
-    """ggml_hiq2_sgemm (llamafile_sgemm hook): every thread's static share, odd sizes, strided C."""
-    m, n, cols = shape
-    t = get_type(type_id)
+def _sgemm_fn(ggml):
     fn = ggml.cpu.ggml_hiq2_sgemm
     fn.restype = C.c_bool
     fn.argtypes = [C.c_void_p, C.c_int, C.c_int, C.c_int64, C.c_int64, C.c_int64, C.c_void_p, C.c_int64,
                    C.c_void_p, C.c_int64, C.c_void_p, C.c_int64, C.c_int]
+    return fn
+
+
+@pytest.mark.parametrize("shape", [(7, 6, 576), (4, 9, 1536), (1, 3, 64)])
+@pytest.mark.parametrize("type_id", H_TYPES)
+def test_sgemm(ggml, type_id, shape):
+    """ggml_hiq2_sgemm (llamafile_sgemm hook): every thread's static share, odd sizes, strided C."""
+    m, n, cols = shape
+    t = get_type(type_id)
+    fn = _sgemm_fn(ggml)
     raw = _random_raw(t, m, cols, seed=type_id * 11 + cols)
     wd = t.dequantize(raw).astype(np.float64)
     q8, yd = _q8_columns(ggml, cols, n, seed=type_id + m)
@@ -358,6 +392,34 @@ def test_sgemm(ggml, type_id, shape):
         _check_products(out[:, :m].T.astype(np.float64), wd, yd, f"sgemm nth={nth}")
 
 
+def test_sgemm_declines_e8(ggml):
+    """HIQ2_E8 has no GEMM: the hook says no without writing, so ggml runs its vec_dot loop
+    (test_graph_mul_mat_and_get_rows checks that path)."""
+    m, n, cols = 4, 3, 576
+    raw = _random_raw(E8, m, cols, seed=3)
+    q8, _ = _q8_columns(ggml, cols, n, seed=4)
+    out = np.full((n, m), np.nan, dtype=np.float32)
+    assert not _sgemm_fn(ggml)(None, 0, 1, m, n, cols // 64, raw.ctypes.data, raw.strides[0] // E8.type_size,
+                               q8.ctypes.data, q8.strides[0] // Q8_0_BYTES, out.ctypes.data, m, E8.type_id)
+    assert np.isnan(out).all()
+
+
+def test_e8_codebook(ggml):
+    """ggml-base's codebook and parities are the reference's."""
+    grid = np.frombuffer(C.string_at(C.addressof(C.c_uint64.in_dll(ggml.base, "ggml_hiq2_e8_grid")), 512 * 8),
+                         np.uint8).reshape(512, 8)
+    parity = np.frombuffer(C.string_at(C.addressof(C.c_uint8.in_dll(ggml.base, "ggml_hiq2_e8_parity")), 512), np.uint8)
+    assert np.array_equal(grid, E8_GRID)
+    assert np.array_equal(parity, E8_PARITY)
+
+
+def test_e8_grid_header_is_generated():
+    """kernels/ggml/hiq2-e8grid.h is what gen_e8grid.py writes from formats.E8_GRID today."""
+    gen = runtime.KERNELS_DIR / "gen_e8grid.py"
+    r = subprocess.run([sys.executable, str(gen), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("type_id", TYPES)
 def test_validate_row_data(ggml, type_id):
     t = get_type(type_id)
@@ -365,12 +427,21 @@ def test_validate_row_data(ggml, type_id):
     good = t.quantize_ref(x)[0]
     assert ggml.validate(type_id, good)
 
-    bad = good.copy()                          # popcount(mask) != H in block 3
-    off = 3 * t.type_size + 3
-    bad[off] = np.uint8(0xFF) if t.n_high != 8 else np.uint8(0x7F)
-    assert not ggml.validate(type_id, bad)
+    if type_id in HIQ2_TYPES:
+        bad = good.copy()                      # popcount(mask) != H in block 3
+        off = 3 * t.type_size + 3
+        bad[off] = np.uint8(0xFF) if t.n_high != 8 else np.uint8(0x7F)
+        assert not ggml.validate(type_id, bad)
+    else:
+        # every bit pattern of HIQ2_E8's scales and codes is valid, and so is d = -0
+        raw = _random_raw(t, 1, 576, seed=type_id)[0]
+        raw.reshape(-1, t.type_size)[:, 0:2] = np.abs(raw.reshape(-1, t.type_size)[:, 0:2].copy().view("<f2")).view(np.uint8)
+        assert ggml.validate(type_id, raw)
+        raw[0:2] = np.array([-0.0], "<f2").view(np.uint8)
+        assert ggml.validate(type_id, raw)
 
-    for name, val in [("nan", np.nan), ("inf", np.inf), ("neg", -0.5)]:
+    for name, val in [("nan", np.nan), ("inf", np.inf), ("neg", -0.5), ("neg_inf", -np.inf),
+                      ("neg_subnormal", -6e-8)]:
         bad = good.copy()                      # d of block 5
         bad[5 * t.type_size: 5 * t.type_size + 2] = np.array([val], "<f2").view(np.uint8)
         assert not ggml.validate(type_id, bad), name
@@ -378,7 +449,7 @@ def test_validate_row_data(ggml, type_id):
     assert not ggml.validate(type_id, good[:-1])   # not a whole number of blocks
 
 
-@pytest.mark.parametrize("type_id", TYPES)
+@pytest.mark.parametrize("type_id", H_TYPES)
 def test_invalid_mask_is_consistent(ggml, type_id):
     """Data that fails validation (too many mask bits) must not crash or read past a block:
     to_float and vec_dot agree (groups beyond the H-th set bit decode as low groups)."""
@@ -436,7 +507,7 @@ def _get(b, t, shape, dtype=np.float32) -> np.ndarray:
     return np.frombuffer(C.string_at(b.ggml_get_data(t), n), dtype=dtype).reshape(shape).copy()
 
 
-@pytest.mark.parametrize("type_id", [100, 102, 105, 108])
+@pytest.mark.parametrize("type_id", [100, 102, 105, 108, 109])
 def test_graph_mul_mat_and_get_rows(ggml, type_id):
     t = get_type(type_id)
     K, M, N = 576, 40, 7
@@ -545,6 +616,10 @@ def test_kernels_use_their_instruction_set(ggml):
     for h in range(9):
         name = f"ggml_vec_dot_hiq2_h{h}_q8_0"
         assert widest.get(name) == expected, f"{name}: {sorted(funcs.get(name, ()))}, expected {expected} bits"
+    # HIQ2_E8's kernel is AVX2 at most (the AVX-512 build runs it too)
+    e8 = [name for name in funcs if name in ("ggml_vec_dot_hiq2_e8_q8_0", "hiq2_e8_vec_dot")]
+    assert e8 and min(expected, 256) <= max(widest[name] for name in e8) <= expected, \
+        {name: sorted(funcs[name]) for name in e8}
     # the GEMM: ggml_hiq2_sgemm with its per-member kernels (static, inlined or not)
     gemm = [name for name in funcs if name == "ggml_hiq2_sgemm" or name.startswith("hiq2_gemm_h")]
     assert max(widest[name] for name in gemm) == expected, {name: sorted(funcs[name]) for name in gemm}

@@ -5,8 +5,8 @@ ctypes cannot load an AArch64 library into this process, so tests/c/hiq2_cpu_che
 is compiled with kernels/ggml/hiq2.c and hiq2-cpu.c (against the runtime's patched
 llama.cpp headers) into a static AArch64 program, run under qemu-aarch64-static; it
 prints dequantize, vec_dot (1 x 1 and the nrc == 2 tile) and the GEMM
-(ggml_hiq2_sgemm, 1 to 3 threads' static shares) for random blocks and Q8_0
-activations. The same program built for this machine with the compiler's default
+(ggml_hiq2_sgemm, 1 to 3 threads' static shares; for HIQ2_E8 dequantize and vec_dot,
+and it checks that the GEMM declines) for random blocks and Q8_0 activations. The same program built for this machine with the compiler's default
 flags (x86-64: the portable code) checks the program itself, and the AArch64 build
 must give its bits exactly. Needs Debian's gcc-aarch64-linux-gnu and
 qemu-user-static for the AArch64 part (skipped without them).
@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 from hiq2gguf import runtime
-from hiq2gguf.formats import HIQ2_TYPES, get_type
+from hiq2gguf.formats import ALL_TYPES, HIQ2_TYPES, get_type
 from tests.test_c_kernels import Q8_0_BYTES, _bits_equal, _check_products, _random_raw
 
 HARNESS = Path(__file__).resolve().parent / "c" / "hiq2_cpu_check.c"
-TYPES = sorted(HIQ2_TYPES)
+TYPES = sorted(ALL_TYPES)            # the H family and HIQ2_E8
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _run(t: Target, exe: Path, type_id: int, shape, seed: int):
     rng = np.random.default_rng(seed + 1)
     y = rng.standard_normal((cols, K)) * rng.choice([1e-3, 1.0, 50.0], (cols, 1))
     q8 = _q8_0(y)
-    stdin = np.array([t_.n_high, K, rows, cols], "<i4").tobytes() + raw.tobytes() + q8.tobytes()
+    stdin = np.array([type_id, K, rows, cols], "<i4").tobytes() + raw.tobytes() + q8.tobytes()
     r = subprocess.run([*t.runner, str(exe)], input=stdin, capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
     return np.frombuffer(r.stdout, np.float32), raw, q8
@@ -118,13 +118,17 @@ def test_kernels_against_numpy(programs, target, type_id, shape):
     rows, cols, K = shape
     t = get_type(type_id)
     out, raw, q8 = _run(target, programs(target), type_id, shape, seed=type_id * 13 + K + rows)
-    assert out.size == rows * K + 5 * rows * cols
+    # vec_dot, then (H family) the 2 x 2 tiles and three GEMM splits
+    n_products = 5 if type_id in HIQ2_TYPES else 1
+    assert out.size == rows * K + n_products * rows * cols
     _bits_equal(out[:rows * K].reshape(rows, K), t.dequantize(raw))
 
     wd = t.dequantize(raw).astype(np.float64)
     yd = _q8_0_values(q8, K)
-    products = out[rows * K:].reshape(5, cols, rows).transpose(0, 2, 1).astype(np.float64)
+    products = out[rows * K:].reshape(n_products, cols, rows).transpose(0, 2, 1).astype(np.float64)
     _check_products(products[0], wd, yd, f"{target.name} vec_dot")
+    if n_products == 1:
+        return
     # one kernel for all of them: the 2 x 2 tiles and every thread split give vec_dot's bits
     er, ec = rows // 2 * 2, cols // 2 * 2
     assert np.array_equal(products[1][:er, :ec], products[0][:er, :ec]), f"{target.name}: 2x2 tiles"

@@ -82,6 +82,23 @@ def test_cuda_patch_applies_once_and_covers_every_member(tree):
     assert "HIQ2" not in mmq and "mmq_supported = false;" in mmq
 
 
+def test_cuda_does_not_claim_e8(tree):
+    """HIQ2_E8 has no CUDA kernel: the CUDA sources name only the H family (GGML_HIQ2_CASES and
+    HIQ2_FOREACH list H0..H8; GGML_HIQ2_ALL_CASES, which adds E8, is for ggml-base and the CPU),
+    so supports_op says no for E8 and the scheduler runs it on the CPU."""
+    ggml, cuda = _patches()
+    ggml.apply(tree, verbose=False)
+    cuda.apply(tree, verbose=False)
+    header = (runtime.KERNELS_DIR / "hiq2.h").read_text()
+    foreach = re.search(r"^#define HIQ2_FOREACH\(X\) (.*)$", header, re.M).group(1)
+    assert foreach.split() == [f"X({h})" for h in range(9)]
+    assert re.search(r"^#define GGML_HIQ2_CASES HIQ2_FOREACH\(GGML_HIQ2_CASE\)$", header, re.M)
+    cuda_text = [(tree / rel).read_text() for rel in cuda.EDITS] + \
+        [(runtime.CUDA_KERNELS_DIR / "hiq2-cuda.cuh").read_text()]
+    for text in cuda_text:
+        assert "HIQ2_E8" not in text and "GGML_HIQ2_ALL_CASES" not in text
+
+
 def test_cuda_build_has_its_own_key(tmp_path, monkeypatch):
     src = tmp_path / "cuda"
     shutil.copytree(runtime.CUDA_KERNELS_DIR, src)

@@ -1,5 +1,7 @@
 """A tiny random llama, converted to HIQ2 GGUF, run by llama.cpp through llama-cpp-python
-on the patched runtime: its logits match the PyTorch model holding the file's weights."""
+on the patched runtime: its logits match the PyTorch model holding the file's weights.
+The same file with every linear weight re-quantized to HIQ2_E8 (formats.E8.quantize_ref)
+must run and match too (llama.cpp runs E8 through ggml's vec_dot loop)."""
 
 import numpy as np
 import pytest
@@ -24,10 +26,66 @@ def tiny_gguf(tiny_llama_dir, runtime_lib, tmp_path_factory):
     return out
 
 
-def test_logits_match_torch(tiny_llama_dir, tiny_gguf, smollm_tokenizer):
+def _requantize_gguf(src, dst, qtype) -> int:
+    """Copy the GGUF ``src`` to ``dst`` with every tensor of ours re-quantized to ``qtype``
+    by its reference quantizer (from the numpy-dequantized weights); -> tensors changed."""
+    import gguf
+
+    from hiq2gguf.formats import get_type, is_hiq2, register_with_gguf
+    from hiq2gguf.gguf_io import field_value, open_reader
+    from hiq2gguf.writer import _copy_field
+
+    register_with_gguf()
+    r = open_reader(src)
+    w = gguf.GGUFWriter(dst, field_value(r, "general.architecture"))
+    for key, field in r.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            _copy_field(w, key, field)
+    n = 0
+    for t in r.tensors:
+        raw = np.asarray(t.data)
+        if is_hiq2(t.tensor_type):
+            weights = get_type(int(t.tensor_type)).dequantize(raw.reshape(int(t.shape[1]), -1))
+            raw, dtype = qtype.quantize_ref(weights), gguf.GGMLQuantizationType(qtype.type_id)
+            n += 1
+        else:
+            raw, dtype = np.array(raw), t.tensor_type
+        w.add_tensor(t.name, np.ascontiguousarray(raw), raw_shape=raw.shape, raw_dtype=dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return n
+
+
+@pytest.fixture(scope="module")
+def tiny_e8_gguf(tiny_gguf, tmp_path_factory):
+    from hiq2gguf.formats import E8
+
+    out = tmp_path_factory.mktemp("tiny-e8") / "tiny-e8.gguf"
+    assert _requantize_gguf(tiny_gguf, out, E8) == 7 * 2
+    return out
+
+
+@pytest.fixture(params=["tiny_gguf", "tiny_e8_gguf"])
+def any_gguf(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_e8_file_holds_e8_weights(tiny_e8_gguf):
+    from hiq2gguf.formats import E8
+    from hiq2gguf.gguf_io import open_reader
+
+    types = [int(t.tensor_type) for t in open_reader(tiny_e8_gguf).tensors]
+    assert types.count(E8.type_id) == 7 * 2
+
+
+def test_logits_match_torch(tiny_llama_dir, any_gguf, smollm_tokenizer):
     from converters import converter_for
     from hiq2gguf import llama, model_io
     from hiq2gguf.reader import dequantized_state
+
+    tiny_gguf = any_gguf
 
     model, _ = model_io.load(model_io.resolve(str(tiny_llama_dir)))
     conv = converter_for(model.config)
@@ -54,7 +112,8 @@ def test_logits_match_torch(tiny_llama_dir, tiny_gguf, smollm_tokenizer):
     assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
-def test_cli_run_and_ppl(tiny_gguf, tmp_path):
+def test_cli_run_and_ppl(any_gguf, tmp_path):
+    tiny_gguf = any_gguf
     r = cli("run", tiny_gguf, "-p", "Once upon a time", "-n", "8")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time") and len(r.stdout) > len("Once upon a time")
@@ -79,6 +138,7 @@ def test_inspect_reports_every_linear(tiny_gguf):
     assert len(ours) == 7 * 2
     for t in ours:
         member = get_type(t["type"])
-        assert t["bpw"] == pytest.approx(member.bpw) and t["ratio"] == pytest.approx(member.n_high / 8)
+        # (HIQ2_E8, which plans may pick, has ratio 0 and no n_high)
+        assert t["bpw"] == pytest.approx(member.bpw) and t["ratio"] == pytest.approx(member.ratio)
     total = sum(t["bpw"] * t["elements"] for t in ours) / sum(t["elements"] for t in ours)
     assert info["bpw"] == pytest.approx(total) and total <= 3.0

@@ -1,5 +1,6 @@
 // HIQ2 tensor type family: ggml-cpu part (from_float for the CPU traits, the
 // dot product against Q8_0 activations, and a GEMM for prompt processing).
+// HIQ2_E8 (its own section below) has the dot product only: AVX2 or portable C.
 //
 //   sum_i w_i y_i = d/16 * sum_b dy_b * S_b,
 //   S_b = sum_{i in b} (16 L_i - z) q_i = 16 * sum_{i in b} L_i q_i - z * sum_{i in b} q_i
@@ -49,6 +50,17 @@ _Static_assert(sizeof(hiq2_block_q8_0) == 34, "block_q8_0 layout");
 #define HIQ2_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
 #define HIQ2_ALWAYS_INLINE inline
+#endif
+
+#if defined(__AVX2__)
+// (also in the AVX-512 build: HIQ2_E8's kernel is AVX2 there too)
+static HIQ2_ALWAYS_INLINE float hiq2_hsum_avx2(const __m256 acc) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
 #endif
 
 #if defined(__BMI2__)
@@ -314,13 +326,6 @@ static HIQ2_ALWAYS_INLINE void hiq2_decode_avx2(const int H, const uint8_t * blk
     L[1] = _mm256_blendv_epi8(_mm256_add_epi8(c1, _mm256_slli_epi16(c1, 2)), c1, h1);
 }
 
-static HIQ2_ALWAYS_INLINE float hiq2_hsum_avx2(const __m256 acc) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    return _mm_cvtss_f32(v);
-}
-
 static HIQ2_ALWAYS_INLINE void hiq2_mm_avx2(const int H, const int NR, const int NC, const int n,
                                             float * GGML_RESTRICT s, const size_t bs,
                                             const uint8_t * GGML_RESTRICT x, const size_t bx,
@@ -550,6 +555,96 @@ HIQ2_FOREACH(HIQ2_DEFINE_CPU_FNS)
 #undef HIQ2_DEFINE_CPU_FNS
 
 
+// ---- HIQ2_E8 x Q8_0 (docs/FORMAT.md, "HIQ2_E8") ---------------------------------
+//   sum_i w_i y_i = d/16 * sum_b dy_b * S_b,  S_b = sum_{i in b} n_i q_i  (exact int32)
+// with n_i = q_k * (+-m_i). One dot product per call (nrows = 1 in the CPU traits) and
+// no GEMM: ggml_hiq2_sgemm declines E8 and ggml's vec_dot loop runs it. The float steps
+// are the H family's: t = d * (dy_0 S_0 + dy_1 S_1) per block (portable), or the same
+// per int32 lane (AVX2); both within float32 rounding of the exact sum.
+#if defined(__AVX2__)
+// AVX2 (and the AVX-512 build): the 8 magnitude vectors of a block are 4 + 4 table
+// loads; the signs go onto the activations (vpsignb), so vpmaddubsw multiplies the
+// unsigned magnitudes (<= 5) by signed quants (pairs <= 1270, no saturation) and
+// vpmaddwd applies the 4-bit sub-scales (int16 lanes 0..7 of a half are one 16-weight
+// sub-block, lanes 8..15 the next).
+static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_signed_q_avx2(const uint32_t signs, const __m256i q) {
+    // byte i of the 32 gets sign bit i: broadcast, pick byte i / 8, test bit i % 8
+    const __m256i pick = _mm256_setr_epi8(0,0,0,0,0,0,0,0, 1,1,1,1,1,1,1,1, 2,2,2,2,2,2,2,2, 3,3,3,3,3,3,3,3);
+    const __m256i bits = _mm256_set1_epi64x((long long) 0x8040201008040201ull);
+    const __m256i v    = _mm256_shuffle_epi8(_mm256_set1_epi32((int) signs), pick);   // per 128-bit lane
+    const __m256i neg  = _mm256_cmpeq_epi8(_mm256_and_si256(v, bits), bits);     // 0xFF: negative
+    return _mm256_sign_epi8(q, _mm256_or_si256(neg, _mm256_set1_epi8(1)));       // -q or q
+}
+
+static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x,
+                            const uint8_t * GGML_RESTRICT y) {
+    const int nb = n / QK_HIQ2;
+    const hiq2_block_q8_0 * yb = (const hiq2_block_q8_0 *) y;
+    __m256 acc = _mm256_setzero_ps();
+    for (int ib = 0; ib < nb; ++ib) {
+        const uint8_t * blk = x + ib * HIQ2_E8_TYPE_SIZE;
+        uint64_t mag[HIQ2_NGROUPS];
+        uint64_t signs = 0;
+        for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+            const unsigned code = ggml_hiq2_read_u16(blk + HIQ2_E8_CODES + 2 * g);
+            mag[g] = ggml_hiq2_e8_grid[code & (HIQ2_E8_ENTRIES - 1)];
+            signs |= (uint64_t) ggml_hiq2_e8_signs(code) << (8 * g);
+        }
+        const __m256i M0 = _mm256_setr_epi64x((long long) mag[0], (long long) mag[1], (long long) mag[2], (long long) mag[3]);
+        const __m256i M1 = _mm256_setr_epi64x((long long) mag[4], (long long) mag[5], (long long) mag[6], (long long) mag[7]);
+        const __m256i q0 = hiq2_e8_signed_q_avx2((uint32_t) signs, _mm256_loadu_si256((const __m256i *) yb[2 * ib].qs));
+        const __m256i q1 = hiq2_e8_signed_q_avx2((uint32_t)(signs >> 32), _mm256_loadu_si256((const __m256i *) yb[2 * ib + 1].qs));
+        const int sc0 = (blk[2] & 15) + 1, sc1 = (blk[2] >> 4) + 1, sc2 = (blk[3] & 15) + 1, sc3 = (blk[3] >> 4) + 1;
+        const __m256i S0 = _mm256_madd_epi16(_mm256_maddubs_epi16(M0, q0),
+                                             _mm256_setr_m128i(_mm_set1_epi16((short) sc0), _mm_set1_epi16((short) sc1)));
+        const __m256i S1 = _mm256_madd_epi16(_mm256_maddubs_epi16(M1, q1),
+                                             _mm256_setr_m128i(_mm_set1_epi16((short) sc2), _mm_set1_epi16((short) sc3)));
+        const float d = hiq2_h2f(ggml_hiq2_read_u16(blk));
+        const __m256 f0 = _mm256_mul_ps(_mm256_set1_ps(d * hiq2_h2f(yb[2 * ib].d)), _mm256_cvtepi32_ps(S0));
+        const __m256 f1 = _mm256_mul_ps(_mm256_set1_ps(d * hiq2_h2f(yb[2 * ib + 1].d)), _mm256_cvtepi32_ps(S1));
+        acc = _mm256_add_ps(acc, _mm256_add_ps(f0, f1));
+    }
+    *s = hiq2_hsum_avx2(acc) / 16.0f;
+}
+#else
+// portable C (SSE-only x86, ARM, ...): exact integer S_b per Q8_0 block
+static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x,
+                            const uint8_t * GGML_RESTRICT y) {
+    const int nb = n / QK_HIQ2;
+    const hiq2_block_q8_0 * yb = (const hiq2_block_q8_0 *) y;
+    float acc = 0.0f;
+    for (int ib = 0; ib < nb; ++ib) {
+        int8_t w[QK_HIQ2];
+        const float d = ggml_hiq2_e8_decode_block(x + ib * HIQ2_E8_TYPE_SIZE, w);
+        int32_t S[2] = { 0, 0 };
+        for (int b = 0; b < 2; ++b) {
+            for (int j = 0; j < HIQ2_QK8_0; ++j) {
+                S[b] += w[b * HIQ2_QK8_0 + j] * yb[2 * ib + b].qs[j];
+            }
+        }
+        const float p0 = hiq2_h2f(yb[2 * ib].d) * (float) S[0];
+        const float p1 = hiq2_h2f(yb[2 * ib + 1].d) * (float) S[1];
+        const float pb = p0 + p1;
+        const float t  = d * pb;
+        acc = acc + t;
+    }
+    *s = acc / 16.0f;
+}
+#endif
+
+void quantize_row_hiq2_e8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    quantize_row_hiq2_e8_ref(x, y, k);
+}
+
+void ggml_vec_dot_hiq2_e8_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
+                               const void * GGML_RESTRICT vy, size_t by, int nrc) {
+    assert(nrc == 1);
+    assert(n % QK_HIQ2 == 0);
+    (void) nrc; (void) bs; (void) bx; (void) by;
+    hiq2_e8_vec_dot(n, s, (const uint8_t *) vx, (const uint8_t *) vy);
+}
+
+
 // ---- GEMM (llamafile_sgemm hook, see patch.py) ---------------------------------
 // C[j * ldc + i] = (row i of A) . (row j of B), A: m rows of k HIQ2_H<H> blocks
 // (stride lda blocks), B: n rows of 2k Q8_0 blocks (stride ldb blocks). n == 1 is
@@ -681,12 +776,11 @@ HIQ2_FOREACH(HIQ2_DEFINE_GEMM)
 
 bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, int64_t n, int64_t k, const void * A, int64_t lda,
                      const void * B, int64_t ldb, float * C, int64_t ldc, int Atype) {
-    const size_t ts = HIQ2_TYPE_SIZE(ggml_hiq2_n_high((enum ggml_type) Atype));
-    const size_t ya = (size_t) lda * ts;                        // bytes per row of A
     const size_t yb = (size_t) ldb * sizeof(hiq2_block_q8_0);   // bytes per row of B
-    switch (ggml_hiq2_n_high((enum ggml_type) Atype)) {
+    switch (ggml_hiq2_n_high((enum ggml_type) Atype)) {        // -1 (declined) for HIQ2_E8
 #define HIQ2_GEMM_CASE(H) \
-        case H: hiq2_gemm_h##H(tp, ith, nth, m, n, k, (const uint8_t *) A, ya, (const uint8_t *) B, yb, C, (size_t) ldc); return true;
+        case H: hiq2_gemm_h##H(tp, ith, nth, m, n, k, (const uint8_t *) A, (size_t) lda * HIQ2_TYPE_SIZE(H), \
+                               (const uint8_t *) B, yb, C, (size_t) ldc); return true;
         HIQ2_FOREACH(HIQ2_GEMM_CASE)
 #undef HIQ2_GEMM_CASE
         default: return false;

@@ -7,6 +7,7 @@
 // no expression has the a*b+c shape that could be contracted into an FMA.
 
 #include "hiq2.h"
+#include "hiq2-e8grid.h"     // the HIQ2_E8 codebook: defines ggml_hiq2_e8_grid / _parity
 
 #include <assert.h>
 #include <math.h>
@@ -20,7 +21,8 @@
 #define HIQ2_CHECK_ID(H) _Static_assert(GGML_TYPE_HIQ2_H##H == HIQ2_FIRST_TYPE + (H), "HIQ2 type ids must be 100+H");
 HIQ2_FOREACH(HIQ2_CHECK_ID)
 #undef HIQ2_CHECK_ID
-_Static_assert(GGML_TYPE_COUNT > HIQ2_FIRST_TYPE + HIQ2_NTYPES - 1, "GGML_TYPE_COUNT too small for HIQ2");
+_Static_assert(GGML_TYPE_HIQ2_E8 == HIQ2_E8_TYPE, "HIQ2_E8 type id must be 109");
+_Static_assert(GGML_TYPE_COUNT > HIQ2_FIRST_TYPE + HIQ2_NTYPES_ALL - 1, "GGML_TYPE_COUNT too small for HIQ2");
 _Static_assert(sizeof(block_hiq2_max) == HIQ2_TYPE_SIZE(HIQ2_NGROUPS), "block_hiq2_max layout");
 
 static inline float hiq2_clampf(float v, float lo, float hi) {
@@ -198,6 +200,158 @@ bool ggml_hiq2_validate_row_data(int H, const void * data, size_t nbytes) {
     return true;
 }
 
+// ---- HIQ2_E8 (docs/FORMAT.md, "HIQ2_E8"; formats.E8Type is the reference) --------
+
+// Reference quantizer for one block of 64 floats, every float32 step of
+// formats.E8.quantize_ref in its order (a statement per rounding, no a*b+c).
+static void hiq2_e8_quantize_block_ref(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT blk) {
+    // 1. sub-block maxima s_k = max |x| / 4 and d = fp16(max_k s_k)
+    float s[HIQ2_E8_NSUB];
+    float smax = 0.0f;
+    for (int k = 0; k < HIQ2_E8_NSUB; ++k) {
+        float a = fabsf(x[k * HIQ2_E8_SUB]);
+        for (int i = 1; i < HIQ2_E8_SUB; ++i) {
+            const float v = fabsf(x[k * HIQ2_E8_SUB + i]);
+            if (v > a) { a = v; }
+        }
+        s[k] = a / (float) HIQ2_E8_REF_AMAX;
+        if (k == 0 || s[k] > smax) { smax = s[k]; }
+    }
+    const uint16_t dh = ggml_hiq2_fp32_to_fp16(smax);
+    const float d = ggml_hiq2_fp16_to_fp32(dh);
+
+    memset(blk, 0, HIQ2_E8_TYPE_SIZE);
+    blk[0] = (uint8_t)(dh & 0xff);
+    blk[1] = (uint8_t)(dh >> 8);
+    if (d == 0.0f) {
+        return;                             // every q = 1 (nibble 0), index 0, no sign
+    }
+
+    // 2. sub-scales q_k = clamp(floor(s_k / d * 16 + 0.5), 1, 16)
+    int q[HIQ2_E8_NSUB];
+    for (int k = 0; k < HIQ2_E8_NSUB; ++k) {
+        const float a0 = s[k] / d;
+        const float a1 = a0 * 16.0f;
+        const float a2 = a1 + 0.5f;
+        q[k] = (int) hiq2_clampf(floorf(a2), 1.0f, 16.0f);
+        blk[2 + k / 2] |= (uint8_t)((q[k] - 1) << (4 * (k % 2)));
+    }
+
+    // 3. per group: a_j = |x_j| / u, u = d q / 16; the entry of least error
+    for (int g = 0; g < HIQ2_NGROUPS; ++g) {
+        const float * xg = x + g * HIQ2_GROUP;
+        const float p = d * (float) q[g * HIQ2_GROUP / HIQ2_E8_SUB];
+        const float u = p / 16.0f;
+        float a[HIQ2_GROUP];
+        unsigned neg = 0;
+        int nneg = 0;
+        for (int j = 0; j < HIQ2_GROUP; ++j) {
+            a[j] = fabsf(xg[j]) / u;
+            if (xg[j] < 0.0f) {
+                neg |= 1u << j;
+                nneg++;
+            }
+        }
+        int   best     = 0;
+        float best_err = 0.0f;
+        for (int e = 0; e < HIQ2_E8_ENTRIES; ++e) {
+            const uint64_t mv = ggml_hiq2_e8_grid[e];
+            float err  = 0.0f;
+            float mmin = 0.0f;
+            for (int j = 0; j < HIQ2_GROUP; ++j) {
+                const float m  = (float)((mv >> (8 * j)) & 0xFFu);
+                const float t  = a[j] - m;
+                const float t2 = t * t;
+                err = err + t2;
+                const float am = a[j] * m;
+                if (j == 0 || am < mmin) { mmin = am; }
+            }
+            if ((nneg + ggml_hiq2_e8_parity[e]) & 1) {
+                const float flip = mmin * 4.0f;   // the cheapest sign flip
+                err = err + flip;
+            }
+            if (e == 0 || err < best_err) {       // the first of equal errors
+                best     = e;
+                best_err = err;
+            }
+        }
+        // 4. signs of x; where the entry's parity rule is broken, flip the cheapest
+        if ((nneg + ggml_hiq2_e8_parity[best]) & 1) {
+            const uint64_t mv = ggml_hiq2_e8_grid[best];
+            int   jmin = 0;
+            float mmin = 0.0f;
+            for (int j = 0; j < HIQ2_GROUP; ++j) {
+                const float am = a[j] * (float)((mv >> (8 * j)) & 0xFFu);
+                if (j == 0 || am < mmin) {
+                    jmin = j;
+                    mmin = am;
+                }
+            }
+            neg ^= 1u << jmin;
+        }
+        const unsigned code = (unsigned) best | ((neg & 0x7Fu) << 9);
+        blk[HIQ2_E8_CODES + 2 * g]     = (uint8_t)(code & 0xff);
+        blk[HIQ2_E8_CODES + 2 * g + 1] = (uint8_t)(code >> 8);
+    }
+}
+
+void quantize_row_hiq2_e8_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_HIQ2 == 0);
+    const int64_t nb = k / QK_HIQ2;
+    uint8_t * out = (uint8_t *) y;
+    for (int64_t ib = 0; ib < nb; ++ib) {
+        hiq2_e8_quantize_block_ref(x + ib * QK_HIQ2, out + ib * HIQ2_E8_TYPE_SIZE);
+    }
+}
+
+void dequantize_row_hiq2_e8(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+    assert(k % QK_HIQ2 == 0);
+    const int64_t nb = k / QK_HIQ2;
+    const uint8_t * in = (const uint8_t *) x;
+    int8_t n[QK_HIQ2];
+    for (int64_t ib = 0; ib < nb; ++ib) {
+        const float d = ggml_hiq2_e8_decode_block(in + ib * HIQ2_E8_TYPE_SIZE, n);
+        float * out = y + ib * QK_HIQ2;
+        for (int i = 0; i < QK_HIQ2; ++i) {
+            const float p = d * (float) n[i];   // exact: 11-bit d times 7-bit integer
+            out[i] = p / 16.0f;                 // exact
+        }
+    }
+}
+
+size_t quantize_hiq2_e8(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst,
+                        int64_t nrows, int64_t n_per_row, const float * imatrix) {
+    (void) imatrix;                             // as for the H family (ggml_hiq2_quantize)
+    const size_t row_size = (size_t)(n_per_row / QK_HIQ2) * HIQ2_E8_TYPE_SIZE;
+    for (int64_t r = 0; r < nrows; ++r) {
+        quantize_row_hiq2_e8_ref(src + r * n_per_row, (uint8_t *) dst + r * row_size, n_per_row);
+    }
+    return (size_t) nrows * row_size;
+}
+
+// valid when every d is finite and non-negative: every bit pattern of the
+// sub-scales and codes decodes to a lattice point
+bool validate_row_data_hiq2_e8(const void * data, size_t nbytes) {
+    if (nbytes % HIQ2_E8_TYPE_SIZE != 0) {
+        fprintf(stderr, "%s: invalid size %zu for type hiq2_e8 (type size = %d)\n", __func__, nbytes, HIQ2_E8_TYPE_SIZE);
+        return false;
+    }
+    const size_t nb = nbytes / HIQ2_E8_TYPE_SIZE;
+    const uint8_t * p = (const uint8_t *) data;
+    for (size_t i = 0; i < nb; ++i) {
+        const uint16_t dh = ggml_hiq2_read_u16(p + i * HIQ2_E8_TYPE_SIZE);
+        if ((dh & 0x7c00u) == 0x7c00u) {
+            fprintf(stderr, "%s: hiq2_e8: non-finite scale d (0x%04x) at block %zu\n", __func__, dh, i);
+            return false;
+        }
+        if ((dh & 0x8000u) && (dh & 0x7fffu)) {
+            fprintf(stderr, "%s: hiq2_e8: negative scale d (0x%04x) at block %zu\n", __func__, dh, i);
+            return false;
+        }
+    }
+    return true;
+}
+
 // ---- per-type wrappers and the function table ---------------------------------
 #define HIQ2_DEFINE_FNS(H) \
     void dequantize_row_hiq2_h##H(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \
@@ -218,7 +372,9 @@ HIQ2_FOREACH(HIQ2_DEFINE_FNS)
 #define HIQ2_TABLE_ROW(H) \
     { GGML_TYPE_HIQ2_H##H, H, HIQ2_TYPE_SIZE(H), "hiq2_h" #H, \
       dequantize_row_hiq2_h##H, quantize_row_hiq2_h##H##_ref, quantize_hiq2_h##H, validate_row_data_hiq2_h##H },
-const struct ggml_hiq2_type_fns ggml_hiq2_types[HIQ2_NTYPES] = {
+const struct ggml_hiq2_type_fns ggml_hiq2_types[HIQ2_NTYPES_ALL] = {
     HIQ2_FOREACH(HIQ2_TABLE_ROW)
+    { GGML_TYPE_HIQ2_E8, -1, HIQ2_E8_TYPE_SIZE, "hiq2_e8",
+      dequantize_row_hiq2_e8, quantize_row_hiq2_e8_ref, quantize_hiq2_e8, validate_row_data_hiq2_e8 },
 };
 #undef HIQ2_TABLE_ROW
