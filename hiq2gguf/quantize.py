@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hiq2gguf.formats import (BLOCK, E8, E8_ENTRIES, E8_GRID, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP,
+from hiq2gguf.formats import (BLOCK, E8, E8_ENTRIES, E8_GRID, E8_N_SUB, E8_PARITY, E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP,
                               N_GROUPS, Codes, E8Codes, E8Type, FormatError, HIQ2Type)
 
 # Candidate shrink factors for the block range [lo, hi]: RTN searches them and
@@ -227,15 +227,19 @@ _MAGS = (1.0, 3.0, 5.0)
 
 
 @functools.cache
-def _e8_tables() -> tuple[torch.Tensor, torch.Tensor]:
-    """(E8_GRID as float [512, 8], index of each magnitude vector by its base-3 key
-    sum_j k_j 3^j with m_j = 2 k_j + 1, or -1 where the vector is not in the codebook)."""
+def _e8_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E8_GRID as float [512, 8]; index of each magnitude vector by its base-3 key
+    sum_j k_j 3^j with m_j = 2 k_j + 1, or -1 where the vector is not in the codebook;
+    E8_PARITY as bool [512]; [m^2, -2 m] stacked [16, 512], so that for weights a and
+    importance i the matrix product [i, i a] @ it is sum_j i_j (m_j^2 - 2 a_j m_j), each
+    entry's weighted distance less its constant sum_j i_j a_j^2)."""
     grid = torch.from_numpy(E8_GRID.astype(np.float32))
     k = (grid.to(torch.int64) - 1) // 2
     key = (k * 3 ** torch.arange(GROUP)).sum(-1)
     lookup = torch.full((3 ** GROUP,), -1, dtype=torch.int64)
     lookup[key] = torch.arange(E8_ENTRIES)
-    return grid, lookup
+    parity = torch.from_numpy(E8_PARITY.astype(bool))
+    return grid, lookup, parity, torch.cat([grid * grid, -2 * grid], 1).T.contiguous()
 
 
 def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +254,7 @@ def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[tor
     needs an odd number of such moves. Groups whose point lies outside the codebook
     (norm above 48, bar 61 vectors of norm 56) are searched over all 512 entries
     (those of the wrong sign parity through a shortlist: ``SHORTLIST``)."""
-    grid, lookup = _e8_tables()
+    grid, lookup, parity, expand = _e8_tables()
     a, neg = t.abs(), t < 0
     mags = torch.tensor(_MAGS)
     cost = (a[..., None] - mags) ** 2                             # [G, 8, 3], sign of t
@@ -281,12 +285,11 @@ def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[tor
         g = out[c0:c0 + chunk]
         ag, ig, ng = a[g], imp[g], t[g] < 0
         c = ig * ag
-        # sum_j imp_j (a_j - m_j)^2 of every entry, expanded into two matrix products
-        err = (c * ag).sum(-1, keepdim=True) - 2 * c @ grid.T + ig @ (grid * grid).T      # [c, 512]
-        wrong = ((grid.sum(-1)[None] / 2 + ng.sum(-1, keepdim=True)) % 2) == 1
+        err = torch.cat([ig, c], 1) @ expand                                            # [c, 512]
+        wrong = parity[None] != (ng.sum(-1, keepdim=True) % 2 == 1)
         # an entry of the wrong parity also flips its cheapest sign (4 imp_j a_j m_j); rank
         # by a lower bound of that (4 min_j imp_j a_j) and price a shortlist exactly
-        bound = err + torch.where(wrong, 4 * c.amin(-1, keepdim=True), torch.zeros_like(err))
+        bound = torch.addcmul(err, wrong.to(err.dtype), 4 * c.amin(-1, keepdim=True))
         top = bound.topk(SHORTLIST, dim=-1, largest=False).indices                    # [c, K]
         flip = 4 * c[:, None, :] * grid[top]                                           # [c, K, 8]
         cost = err.gather(1, top) + torch.where(wrong.gather(1, top), flip.amin(-1), torch.zeros(()))
