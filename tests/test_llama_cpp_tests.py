@@ -12,7 +12,8 @@ compares nothing: it prints "Skipping CPU backend" and exits 0. `-b CPU`
 makes the CPU backend the one under test, against a second CPU backend with
 ggml_backend_cpu_set_use_ref. In that mode our GEMM hook (llamafile_sgemm)
 declines, so every HIQ2 MUL_MAT case compares the tiled HIQ2 GEMM with ggml's
-vec_dot loop over the same data. Both use the same block decoder: a decoder
+vec_dot loop over the same data (HIQ2_E8 has no GEMM: both sides run the vec_dot
+loop, so for it the run checks the ops execute). Both use the same block decoder: a decoder
 error is caught by test-quantize-fns and tests/test_c_kernels.py (bit-exact
 against numpy), not here. The other ops (GET_ROWS, CPY, SET_ROWS, MUL_MAT_ID,
 OUT_PROD, ...) run the same code on both sides; for them the run checks that
@@ -36,7 +37,7 @@ import pytest
 from hiq2gguf import runtime
 
 N_HIGH = range(9)
-TYPE_NAMES = [f"hiq2_h{h}" for h in N_HIGH]
+TYPE_NAMES = [f"hiq2_h{h}" for h in N_HIGH] + ["hiq2_e8"]
 
 
 def _run(args: list, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -90,9 +91,8 @@ def test_backend_ops_default_run_skips_the_only_backend(runtime_lib):
 EXPECTED_OPS = ("MUL_MAT", "MUL_MAT_ID", "GET_ROWS", "CPY", "SET_ROWS", "OUT_PROD")
 
 
-@pytest.mark.parametrize("h", N_HIGH)
-def test_backend_ops_cpu(cpu_env, h):
-    name = f"hiq2_h{h}"
+@pytest.mark.parametrize("name", TYPE_NAMES)
+def test_backend_ops_cpu(cpu_env, name):
     # the name ends at a comma or parenthesis in every case's parameter list
     r = _run([runtime.tool("test-backend-ops"), "test", "-b", "CPU", "-p", rf"{name}[,)]"], env=cpu_env)
     out = r.stdout
