@@ -411,6 +411,9 @@ def test_e8_codebook(ggml):
     parity = np.frombuffer(C.string_at(C.addressof(C.c_uint8.in_dll(ggml.base, "ggml_hiq2_e8_parity")), 512), np.uint8)
     assert np.array_equal(grid, E8_GRID)
     assert np.array_equal(parity, E8_PARITY)
+    # what the AVX2 vec_dot derives the parity from instead (odd magnitudes: xor of their bit 1)
+    assert (E8_GRID % 2 == 1).all()
+    assert np.array_equal(np.bitwise_xor.reduce((E8_GRID >> 1) & 1, axis=1), E8_PARITY)
 
 
 def test_e8_grid_header_is_generated():

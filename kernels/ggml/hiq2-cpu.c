@@ -563,42 +563,61 @@ HIQ2_FOREACH(HIQ2_DEFINE_CPU_FNS)
 // per int32 lane (AVX2); both within float32 rounding of the exact sum.
 #if defined(__AVX2__)
 // AVX2 (and the AVX-512 build): the 8 magnitude vectors of a block are 4 + 4 table
-// loads; the signs go onto the activations (vpsignb), so vpmaddubsw multiplies the
-// unsigned magnitudes (<= 5) by signed quants (pairs <= 1270, no saturation) and
-// vpmaddwd applies the 4-bit sub-scales (int16 lanes 0..7 of a half are one 16-weight
-// sub-block, lanes 8..15 the next).
-static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_signed_q_avx2(const uint32_t signs, const __m256i q) {
-    // byte i of the 32 gets sign bit i: broadcast, pick byte i / 8, test bit i % 8
-    const __m256i pick = _mm256_setr_epi8(0,0,0,0,0,0,0,0, 1,1,1,1,1,1,1,1, 2,2,2,2,2,2,2,2, 3,3,3,3,3,3,3,3);
-    const __m256i bits = _mm256_set1_epi64x((long long) 0x8040201008040201ull);
-    const __m256i v    = _mm256_shuffle_epi8(_mm256_set1_epi32((int) signs), pick);   // per 128-bit lane
-    const __m256i neg  = _mm256_cmpeq_epi8(_mm256_and_si256(v, bits), bits);     // 0xFF: negative
-    return _mm256_sign_epi8(q, _mm256_or_si256(neg, _mm256_set1_epi8(1)));       // -q or q
+// loads (faster than vpgatherqq here); the signs go onto the activations (vpsignb), so
+// vpmaddubsw multiplies the unsigned magnitudes (<= 5) by signed quants (pairs <= 1270,
+// no saturation) and vpmaddwd applies the 4-bit sub-scales (int16 lanes 0..7 of a half
+// are one 16-weight sub-block, lanes 8..15 the next).
+
+// Sign masks (0xFF: negative) of 4 groups in weight order, from their u16 codes (the low
+// 8 bytes of codes: group g at bytes 2g, 2g+1) and magnitudes M (group g in qword g).
+// Bits 1..7 of byte 2g+1 are the signs of weights 0..6; weight 7's sign makes
+// #negative + parity(e) even, and parity(e) = (sum m / 2) mod 2 is the xor of bit 1 of
+// the 8 (odd) magnitudes: 1 -> 0, 3 -> 1, 5 -> 0 (+2), 7 -> 1 (+3), summed mod 2.
+static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_neg_avx2(const __m128i codes, const __m256i M) {
+    const __m256i pick = _mm256_setr_epi8(1,1,1,1,1,1,1,1, 3,3,3,3,3,3,3,3, 5,5,5,5,5,5,5,5, 7,7,7,7,7,7,7,7);
+    const __m256i bits = _mm256_set1_epi64x((long long) 0x0080402010080402ull);   // byte 7: not stored
+    const __m256i one  = _mm256_set1_epi8(1);
+    const __m256i c    = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(codes), pick);
+    const __m256i n7   = _mm256_min_epu8(_mm256_and_si256(c, bits), one);        // 1: weight j < 7 negative
+    // per qword, bit 0 of the byte sum: (#negative among j < 7 + parity(e)) mod 2
+    const __m256i par  = _mm256_sad_epu8(_mm256_xor_si256(n7, _mm256_and_si256(_mm256_srli_epi16(M, 1), one)),
+                                         _mm256_setzero_si256());
+    const __m256i n8   = _mm256_or_si256(n7, _mm256_slli_epi64(_mm256_and_si256(par, _mm256_set1_epi64x(1)), 56));
+    return _mm256_cmpeq_epi8(n8, one);
+}
+
+static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_mag_avx2(const uint8_t * codes) {
+    uint64_t m[4];
+    for (int g = 0; g < 4; ++g) {
+        m[g] = ggml_hiq2_e8_grid[ggml_hiq2_read_u16(codes + 2 * g) & (HIQ2_E8_ENTRIES - 1)];
+    }
+    return _mm256_setr_epi64x((long long) m[0], (long long) m[1], (long long) m[2], (long long) m[3]);
 }
 
 static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x,
                             const uint8_t * GGML_RESTRICT y) {
     const int nb = n / QK_HIQ2;
     const hiq2_block_q8_0 * yb = (const hiq2_block_q8_0 *) y;
+    const __m256i one = _mm256_set1_epi8(1);
+    // from the u16 lanes [q_0, q_2, q_1, q_3] of one qword: q_0 / q_1 for the int16
+    // lanes 0..7 / 8..15 of weights 0..31, q_2 / q_3 for those of weights 32..63
+    const __m256i pick01 = _mm256_setr_epi8(0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1, 4,5,4,5,4,5,4,5,4,5,4,5,4,5,4,5);
+    const __m256i pick23 = _mm256_setr_epi8(2,3,2,3,2,3,2,3,2,3,2,3,2,3,2,3, 6,7,6,7,6,7,6,7,6,7,6,7,6,7,6,7);
     __m256 acc = _mm256_setzero_ps();
     for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t * blk = x + ib * HIQ2_E8_TYPE_SIZE;
-        uint64_t mag[HIQ2_NGROUPS];
-        uint64_t signs = 0;
-        for (int g = 0; g < HIQ2_NGROUPS; ++g) {
-            const unsigned code = ggml_hiq2_read_u16(blk + HIQ2_E8_CODES + 2 * g);
-            mag[g] = ggml_hiq2_e8_grid[code & (HIQ2_E8_ENTRIES - 1)];
-            signs |= (uint64_t) ggml_hiq2_e8_signs(code) << (8 * g);
-        }
-        const __m256i M0 = _mm256_setr_epi64x((long long) mag[0], (long long) mag[1], (long long) mag[2], (long long) mag[3]);
-        const __m256i M1 = _mm256_setr_epi64x((long long) mag[4], (long long) mag[5], (long long) mag[6], (long long) mag[7]);
-        const __m256i q0 = hiq2_e8_signed_q_avx2((uint32_t) signs, _mm256_loadu_si256((const __m256i *) yb[2 * ib].qs));
-        const __m256i q1 = hiq2_e8_signed_q_avx2((uint32_t)(signs >> 32), _mm256_loadu_si256((const __m256i *) yb[2 * ib + 1].qs));
-        const int sc0 = (blk[2] & 15) + 1, sc1 = (blk[2] >> 4) + 1, sc2 = (blk[3] & 15) + 1, sc3 = (blk[3] >> 4) + 1;
-        const __m256i S0 = _mm256_madd_epi16(_mm256_maddubs_epi16(M0, q0),
-                                             _mm256_setr_m128i(_mm_set1_epi16((short) sc0), _mm_set1_epi16((short) sc1)));
-        const __m256i S1 = _mm256_madd_epi16(_mm256_maddubs_epi16(M1, q1),
-                                             _mm256_setr_m128i(_mm_set1_epi16((short) sc2), _mm_set1_epi16((short) sc3)));
+        const uint8_t * blk   = x + ib * HIQ2_E8_TYPE_SIZE;
+        const __m128i   codes = _mm_loadu_si128((const __m128i *)(blk + HIQ2_E8_CODES));
+        const __m256i   M0    = hiq2_e8_mag_avx2(blk + HIQ2_E8_CODES);
+        const __m256i   M1    = hiq2_e8_mag_avx2(blk + HIQ2_E8_CODES + 8);
+        const __m256i   q0    = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) yb[2 * ib].qs),
+                                                 _mm256_or_si256(hiq2_e8_neg_avx2(codes, M0), one));   // -q or q
+        const __m256i   q1    = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) yb[2 * ib + 1].qs),
+                                                 _mm256_or_si256(hiq2_e8_neg_avx2(_mm_srli_si128(codes, 8), M1), one));
+        const uint32_t  sb    = (uint32_t) blk[2] | ((uint32_t) blk[3] << 16);
+        const uint64_t  sc    = ((sb & 0x000F000Fu) | ((uint64_t)((sb >> 4) & 0x000F000Fu) << 32)) + 0x0001000100010001ull;
+        const __m256i   scv   = _mm256_set1_epi64x((long long) sc);
+        const __m256i   S0    = _mm256_madd_epi16(_mm256_maddubs_epi16(M0, q0), _mm256_shuffle_epi8(scv, pick01));
+        const __m256i   S1    = _mm256_madd_epi16(_mm256_maddubs_epi16(M1, q1), _mm256_shuffle_epi8(scv, pick23));
         const float d = hiq2_h2f(ggml_hiq2_read_u16(blk));
         const __m256 f0 = _mm256_mul_ps(_mm256_set1_ps(d * hiq2_h2f(yb[2 * ib].d)), _mm256_cvtepi32_ps(S0));
         const __m256 f1 = _mm256_mul_ps(_mm256_set1_ps(d * hiq2_h2f(yb[2 * ib + 1].d)), _mm256_cvtepi32_ps(S1));
