@@ -11,6 +11,7 @@ and by name, like gguf-py's ``quants.py``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,52 +203,66 @@ def select_mask(score: np.ndarray, n_high: int) -> np.ndarray:
     return bits
 
 
-# ---- HIQ2_E8: the lattice-coded member (docs/FORMAT.md, "HIQ2_E8") ---------------
-E8_ENTRIES = 512          # magnitude vectors in the codebook (9-bit index)
+# ---- HIQ2_E8*: the lattice-coded members (docs/FORMAT.md, "HIQ2_E8") ---------------
+E8_ENTRIES = 512          # HIQ2_E8's codebook (9-bit index); larger members extend it
 E8_SUB = 16               # weights per 4-bit sub-scale
 E8_N_SUB = BLOCK // E8_SUB
 E8_SCALE_STEPS = 16       # sub-scale q in 1..16: the group's unit is d q / 16
-E8_REF_AMAX = 4           # the reference quantizer maps a sub-block's max |x| to magnitude 4
+E8_BASE_BYTES = 2 + E8_N_SUB // 2 + 2 * N_GROUPS     # fp16 d, 4 nibbles, 8 x u16 codes = 20
+E8_LOW_BITS = 9           # index bits in a group's u16 code; the rest of a larger index follows it
 
 
-def _e8_grid() -> np.ndarray:
-    """The codebook: the 512 vectors of odd magnitudes of smallest norm -> uint8 [512, 8].
+@functools.cache
+def e8_grid(entries: int = E8_ENTRIES) -> np.ndarray:
+    """A codebook: the ``entries`` vectors of odd magnitudes of smallest norm -> uint8 [n, 8].
 
-    Candidates are (1, 3, 5, 7)^8 (the 512th smallest has norm 56, which no vector
-    with a 7 reaches). Order: by norm, then by the magnitudes sorted in decreasing
-    order (lexicographically), then by the vector itself; the first 512."""
-    odd = np.arange(1, 8, 2)
+    Order: by norm, then by the magnitudes sorted in decreasing order (lexicographically),
+    then by the vector itself; so every codebook is a prefix of every larger one.
+    Candidates are (1, 3, ..., top)^8: the 2048 smallest have norm at most 72, which no
+    vector with a 9 (norm >= 88) reaches, the 8192 smallest at most 104, which none
+    with an 11 (norm >= 128) reaches."""
+    if entries > 8192:
+        raise ValueError("codebooks above 8192 entries need magnitudes beyond 9")
+    odd = np.arange(1, 8 if entries <= 2048 else 10, 2)
     vecs = np.stack(np.meshgrid(*[odd] * GROUP, indexing="ij"), -1).reshape(-1, GROUP)
     norm = (vecs.astype(np.int64) ** 2).sum(1)
     desc = -np.sort(-vecs, axis=1)
     keys = [vecs[:, i] for i in reversed(range(GROUP))] + [desc[:, i] for i in reversed(range(GROUP))] + [norm]
-    return vecs[np.lexsort(keys)[:E8_ENTRIES]].astype(np.uint8)
+    grid = vecs[np.lexsort(keys)[:entries]].astype(np.uint8)
+    grid.setflags(write=False)
+    return grid
 
 
-E8_GRID = _e8_grid()
-E8_GRID.setflags(write=False)
-# The lattice rule: with the signs s_j (1 = negative) the signed sum is a multiple of 4
-# exactly when sum(m)/2 + #negative is even; an entry's parity is (sum(m)/2) mod 2.
-E8_PARITY = ((E8_GRID.astype(np.int64).sum(1) // 2) & 1).astype(np.uint8)
+def e8_parity(grid: np.ndarray) -> np.ndarray:
+    """The lattice rule: with sign bits s_j (1 = negative) a group's signed sum is a
+    multiple of 4 exactly when sum(m)/2 + #negative is even; an entry's parity is
+    (sum(m)/2) mod 2 -> uint8 [n]."""
+    return ((grid.astype(np.int64).sum(1) // 2) & 1).astype(np.uint8)
+
+
+E8_GRID = e8_grid(E8_ENTRIES)
+E8_PARITY = e8_parity(E8_GRID)
 
 
 @dataclass(frozen=True)
 class E8Codes:
-    """Decoded content of an HIQ2_E8 tensor, per block (rows, nblocks).
+    """Decoded content of an HIQ2_E8* tensor, per block (rows, nblocks).
 
-    ``index`` picks each group's magnitude vector in ``E8_GRID``; ``negative`` is
-    every weight's sign bit (the 8th of a group is implied by the lattice rule and
-    must agree with it); ``scales`` are the sub-scales q in 1..16."""
+    ``index`` picks each group's magnitude vector in the member's codebook
+    (``e8_grid(entries)``); ``negative`` is every weight's sign bit (the 8th of a group is
+    implied by the lattice rule and must agree with it); ``scales`` are the sub-scales
+    q in 1..16."""
 
     d: np.ndarray         # float16 [rows, nb]
     scales: np.ndarray    # uint8   [rows, nb, 4]
     index: np.ndarray     # uint16  [rows, nb, 8]
     negative: np.ndarray  # bool    [rows, nb, 64]
+    entries: int = E8_ENTRIES
 
     def integers(self) -> np.ndarray:
-        """q * (+-m) of every weight -> int32 [rows, nb, 64] (|.| <= 80)."""
+        """q * (+-m) of every weight -> int32 [rows, nb, 64] (|.| <= 16 x 9)."""
         rows, nb = self.d.shape
-        m = E8_GRID[self.index.astype(np.int64)].astype(np.int32).reshape(rows, nb, BLOCK)
+        m = e8_grid(self.entries)[self.index.astype(np.int64)].astype(np.int32).reshape(rows, nb, BLOCK)
         q = np.repeat(self.scales.astype(np.int32), E8_SUB, axis=-1)
         return np.where(self.negative, -m, m) * q
 
@@ -260,17 +275,48 @@ class E8Codes:
 
 @dataclass(frozen=True)
 class E8Type:
-    """HIQ2_E8: 64-weight blocks of 8 E8-lattice codes under 4 sub-scales, 2.5 bpw."""
+    """HIQ2_E8*: 64-weight blocks of 8 E8-lattice codes under 4 sub-scales; the codebook
+    has 2^index_bits entries (9: HIQ2_E8, 2.5 bpw; 11: 2.75; 13: 3.0)."""
 
-    type_id = FIRST_TYPE_ID + N_GROUPS + 1
-    name = "HIQ2_E8"
+    index_bits: int
+
     block_size = BLOCK
     ratio = 0.0                                         # no high groups
-    type_size = 2 + E8_N_SUB // 2 + 2 * N_GROUPS       # fp16 d, 4 nibbles, 8 x u16 codes = 20
+
+    @property
+    def entries(self) -> int:
+        return 1 << self.index_bits
+
+    @property
+    def ext_bits(self) -> int:
+        """Index bits per group beyond the 9 in its u16 code (stored after the codes)."""
+        return self.index_bits - E8_LOW_BITS
+
+    @property
+    def type_id(self) -> int:
+        return FIRST_TYPE_ID + N_GROUPS + 1 + self.ext_bits // 2
+
+    @property
+    def name(self) -> str:
+        return "HIQ2_E8" + ("" if self.ext_bits == 0 else f"_{self.entries // 1024}K")
+
+    @property
+    def type_size(self) -> int:
+        return E8_BASE_BYTES + N_GROUPS * self.ext_bits // 8
 
     @property
     def bpw(self) -> float:
         return self.type_size * 8 / BLOCK
+
+    @property
+    def grid(self) -> np.ndarray:
+        return e8_grid(self.entries)
+
+    @property
+    def ref_amax(self) -> int:
+        """The reference quantizer maps a sub-block's max |x| to this magnitude: one
+        below the codebook's largest (4 for HIQ2_E8)."""
+        return int(self.grid.max()) - 1
 
     check_shape = HIQ2Type.check_shape
     row_bytes = HIQ2Type.row_bytes
@@ -281,10 +327,10 @@ class E8Type:
         if ((q < 1) | (q > E8_SCALE_STEPS)).any():
             raise FormatError(f"{self.name}: sub-scales must lie in 1..{E8_SCALE_STEPS}")
         idx = codes.index.astype(np.int64)
-        if ((idx < 0) | (idx >= E8_ENTRIES)).any():
-            raise FormatError(f"{self.name}: codebook indices must lie in 0..{E8_ENTRIES - 1}")
+        if ((idx < 0) | (idx >= self.entries)).any():
+            raise FormatError(f"{self.name}: codebook indices must lie in 0..{self.entries - 1}")
         neg = codes.negative.reshape(rows, nb, N_GROUPS, GROUP).astype(np.int64)
-        if ((neg.sum(-1) + E8_PARITY[idx]) & 1).any():
+        if ((neg.sum(-1) + e8_parity(self.grid)[idx]) & 1).any():
             raise FormatError(f"{self.name}: a group's signs break the lattice rule "
                               "(sum(m)/2 + #negative must be even)")
         out = np.zeros((rows, nb, self.type_size), dtype=np.uint8)
@@ -292,8 +338,13 @@ class E8Type:
         nib = (q - 1).astype(np.uint8)
         out[..., 2] = nib[..., 0] | (nib[..., 1] << 4)
         out[..., 3] = nib[..., 2] | (nib[..., 3] << 4)
-        code = idx | ((neg[..., :GROUP - 1] << np.arange(9, 16)).sum(-1))
-        out[..., 4:] = code.astype("<u2").view(np.uint8).reshape(rows, nb, 2 * N_GROUPS)
+        low = idx & ((1 << E8_LOW_BITS) - 1)
+        code = low | ((neg[..., :GROUP - 1] << np.arange(9, 16)).sum(-1))
+        out[..., 4:E8_BASE_BYTES] = code.astype("<u2").view(np.uint8).reshape(rows, nb, 2 * N_GROUPS)
+        if self.ext_bits:
+            ext = ((idx >> E8_LOW_BITS) << (self.ext_bits * np.arange(N_GROUPS))).sum(-1)   # < 2^32
+            out[..., E8_BASE_BYTES:] = ext.astype("<u4").view(np.uint8).reshape(rows, nb, 4)[
+                ..., :self.type_size - E8_BASE_BYTES]
         return out.reshape(rows, nb * self.type_size)
 
     def unpack(self, raw: np.ndarray) -> E8Codes:
@@ -306,12 +357,18 @@ class E8Type:
         nb = b.shape[1]
         d = b[..., 0:2].copy().view("<f2").reshape(rows, nb)
         scales = np.stack([b[..., 2] & 15, b[..., 2] >> 4, b[..., 3] & 15, b[..., 3] >> 4], -1) + 1
-        code = b[..., 4:].copy().view("<u2").reshape(rows, nb, N_GROUPS).astype(np.int64)
-        index = code & (E8_ENTRIES - 1)
+        code = b[..., 4:E8_BASE_BYTES].copy().view("<u2").reshape(rows, nb, N_GROUPS).astype(np.int64)
+        index = code & ((1 << E8_LOW_BITS) - 1)
+        if self.ext_bits:
+            ext_bytes = b[..., E8_BASE_BYTES:].astype(np.int64)
+            ext = (ext_bytes << (8 * np.arange(ext_bytes.shape[-1]))).sum(-1)
+            index |= ((ext[..., None] >> (self.ext_bits * np.arange(N_GROUPS))) & ((1 << self.ext_bits) - 1)) \
+                << E8_LOW_BITS
         signs = (code[..., None] >> np.arange(9, 16)) & 1                    # weights 0..6
-        last = (signs.sum(-1) + E8_PARITY[index]) & 1                        # weight 7: the rule
+        last = (signs.sum(-1) + e8_parity(self.grid)[index]) & 1             # weight 7: the rule
         negative = np.concatenate([signs, last[..., None]], -1).astype(bool).reshape(rows, nb, BLOCK)
-        return E8Codes(d=d, scales=scales.astype(np.uint8), index=index.astype(np.uint16), negative=negative)
+        return E8Codes(d=d, scales=scales.astype(np.uint8), index=index.astype(np.uint16), negative=negative,
+                       entries=self.entries)
 
     def dequantize(self, raw: np.ndarray) -> np.ndarray:
         return self.unpack(raw).dequantize()
@@ -324,7 +381,7 @@ class E8Type:
         rows = x.shape[0]
         xb = x.reshape(rows, -1, BLOCK)
         nb = xb.shape[1]
-        s = np.abs(xb).reshape(rows, nb, E8_N_SUB, E8_SUB).max(-1) / np.float32(E8_REF_AMAX)
+        s = np.abs(xb).reshape(rows, nb, E8_N_SUB, E8_SUB).max(-1) / np.float32(self.ref_amax)
         d = s.max(-1).astype(np.float16)
         df = d.astype(np.float32)
         zero = df == 0
@@ -338,33 +395,37 @@ class E8Type:
             a = (np.abs(g) / unit.reshape(-1, 1)).astype(np.float32)
         neg = g < 0
         index = np.zeros(len(g), dtype=np.uint16)
-        m_all = E8_GRID.astype(np.float32)
+        m_all = self.grid.astype(np.float32)
+        parity = e8_parity(self.grid)
         for c0 in range(0, len(g), chunk):
             ac, nc = a[c0:c0 + chunk], neg[c0:c0 + chunk]
-            err = np.zeros((len(ac), E8_ENTRIES), dtype=np.float32)
+            err = np.zeros((len(ac), self.entries), dtype=np.float32)
             for j in range(GROUP):                                   # in order j = 0..7
                 t = ac[:, None, j] - m_all[None, :, j]
                 err = err + t * t
             flip = (ac[:, None, :] * m_all[None]).min(-1) * np.float32(4)
-            bad = ((nc.sum(-1)[:, None] + E8_PARITY[None]) & 1).astype(bool)
+            bad = ((nc.sum(-1)[:, None] + parity[None]) & 1).astype(bool)
             err = np.where(bad, err + flip, err)
             index[c0:c0 + chunk] = err.argmin(-1)                    # first of equal errors
         m = m_all[index]
-        bad = ((neg.sum(-1) + E8_PARITY[index]) & 1).astype(bool)
+        bad = ((neg.sum(-1) + parity[index]) & 1).astype(bool)
         j = (a * m).argmin(-1)                                       # the cheapest sign to flip
         neg[bad, j[bad]] ^= True
         zero_g = np.repeat(zero, N_GROUPS, axis=-1).reshape(-1)
         index[zero_g] = 0
         neg[zero_g] = False
         return self.pack(E8Codes(d=d, scales=q, index=index.reshape(rows, nb, N_GROUPS),
-                                 negative=neg.reshape(rows, nb, BLOCK)))
+                                 negative=neg.reshape(rows, nb, BLOCK), entries=self.entries))
 
 
-E8 = E8Type()
+E8 = E8Type(9)
+E8_2K = E8Type(11)
+E8_8K = E8Type(13)
+E8_TYPES = (E8, E8_2K, E8_8K)
 
 HIQ2_TYPES: dict[int, HIQ2Type] = {t.type_id: t for t in (HIQ2Type(h) for h in range(N_GROUPS + 1))}
 # every tensor type of ours, the H family and the lattice member
-ALL_TYPES: dict[int, HIQ2Type | E8Type] = {**HIQ2_TYPES, E8.type_id: E8}
+ALL_TYPES: dict[int, HIQ2Type | E8Type] = {**HIQ2_TYPES, **{t.type_id: t for t in E8_TYPES}}
 _BY_NAME = {t.name: t for t in ALL_TYPES.values()}
 
 

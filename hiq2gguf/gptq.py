@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from hiq2gguf.formats import BLOCK, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, N_GROUPS, Codes, E8Codes, E8Type, HIQ2Type
+from hiq2gguf.formats import (BLOCK, E8, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, N_GROUPS, Codes, E8Codes, E8Type,
+                              HIQ2Type)
 from hiq2gguf.quantize import (E8Config, RTNConfig, codes_from_tensors, e8_codes, e8_round, e8_values,
                                floored_importance, round_to_grid, search_block_grid, search_e8_units,
                                store_e8_units)
@@ -86,11 +87,11 @@ class GPTQ:
                     ) -> Codes | E8Codes:
         """GPTQ's codes of ``weight`` as any of our types."""
         if isinstance(qtype, E8Type):
-            return self.quantize_e8(weight, importance)
+            return self.quantize_e8(weight, importance, qtype=qtype)
         return self.quantize(weight, qtype.n_high, importance)
 
     def quantize_e8(self, weight: torch.Tensor, importance: torch.Tensor | None = None,
-                    damp: float = 0.01, cfg: E8Config = E8Config()) -> E8Codes:
+                    damp: float = 0.01, cfg: E8Config = E8Config(), qtype: E8Type = E8) -> E8Codes:
         """GPTQ for HIQ2_E8: a block's sub-block scales are searched (as ``quantize_e8``
         does) when the algorithm reaches it; each 8-column group is rounded to lattice
         points as one vector, then its columns' errors are fed forward one by one (the
@@ -106,7 +107,7 @@ class GPTQ:
         neg_all = torch.zeros(rows, nb, BLOCK, dtype=torch.bool)
         for b in range(nb):
             c0, c1 = b * BLOCK, (b + 1) * BLOCK
-            d, q = store_e8_units(search_e8_units(W[:, c0:c1], imp[:, c0:c1], cfg))
+            d, q = store_e8_units(search_e8_units(W[:, c0:c1], imp[:, c0:c1], cfg, qtype))
             d_all[:, b], q_all[:, b] = d, q
             W1 = W[:, c0:c1].clone()
             Err = torch.zeros_like(W1)
@@ -120,14 +121,14 @@ class GPTQ:
                 qg = q[:, g0 // E8_SUB]
                 unit = df * qg / E8_SCALE_STEPS
                 unit = torch.where(unit > 0, unit, torch.ones_like(unit))
-                idx, neg = e8_round(W1[:, g0:g1] / unit[:, None], metric[g0:g1].expand(rows, GROUP))
+                idx, neg = e8_round(W1[:, g0:g1] / unit[:, None], metric[g0:g1].expand(rows, GROUP), qtype.entries)
                 idx_all[:, b, g] = idx
                 neg_all[:, b, g0:g1] = neg
-                wq = df[:, None] * (e8_values(idx, neg) * qg[:, None]) / 16     # exactly as decoded
+                wq = df[:, None] * (e8_values(idx, neg, qtype.entries) * qg[:, None]) / 16     # exactly as decoded
                 for j in range(g0, g1):
                     e = (W1[:, j] - wq[:, j - g0]) / Hb[j, j]
                     W1[:, j:] -= e.unsqueeze(1) * Hb[j, j:].unsqueeze(0)
                     Err[:, j] = e
             W[:, c1:] -= Err @ Hinv[c0:c1, c1:]
         self.rounded = weight.detach().to(torch.float32)     # no levels for a later stage to round
-        return e8_codes(d_all, q_all, idx_all, neg_all)
+        return e8_codes(d_all, q_all, idx_all, neg_all, qtype)

@@ -101,7 +101,7 @@ class HIQ2Candidate:
         codes = dict(zip(members, quantize_rtn_members(w, [c.qtype.n_high for c in members], fisher, ESTIMATE_RTN)))
         for c in cands:
             if isinstance(c.qtype, E8Type):
-                codes[c] = quantize_e8(w, fisher, ESTIMATE_E8)
+                codes[c] = quantize_e8(w, fisher, ESTIMATE_E8, c.qtype)
         return [dequantize_torch(codes[c]) - w for c in cands]
 
 

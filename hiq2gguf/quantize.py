@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hiq2gguf.formats import (BLOCK, E8, E8_ENTRIES, E8_GRID, E8_N_SUB, E8_PARITY, E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP,
-                              N_GROUPS, Codes, E8Codes, E8Type, FormatError, HIQ2Type)
+from hiq2gguf.formats import (BLOCK, E8, E8_ENTRIES, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP,
+                              N_GROUPS, Codes, E8Codes, E8Type, FormatError, HIQ2Type, e8_grid, e8_parity)
 
 # Candidate shrink factors for the block range [lo, hi]: RTN searches them and
 # keeps the one with the smallest importance-weighted squared error.
@@ -213,37 +213,41 @@ def quantize_rtn(weight: torch.Tensor, n_high: int, importance: torch.Tensor | N
 
 @dataclass
 class E8Config:
-    # sub-block unit candidates, in units of the sub-block's root mean square (the best
-    # lies near 0.5: magnitudes 1 and 3 then cover most weights). Six and two refits come
-    # within 0.3 % of sixteen from 0.15 to 1.5 on Qwen's weights, in a quarter of the time
+    # sub-block unit candidates, in units of the sub-block's root mean square times
+    # 5 / (the codebook's largest magnitude): for HIQ2_E8 (largest 5) the best lies near
+    # 0.5, where magnitudes 1 and 3 cover most weights; a larger codebook's finer unit
+    # scales with its range. Six and two refits come within 0.3 % of sixteen from 0.15
+    # to 1.5 on Qwen's weights (HIQ2_E8), in a quarter of the time
     search: tuple[float, ...] = tuple(float(f) for f in np.geomspace(0.3, 1.0, 6))
     refits: int = 2                  # weighted least-squares refits of each sub-block's unit
     importance_floor: float = 1e-3
 
 
-# odd magnitudes a codebook coordinate can take (E8_GRID's entries are 1, 3 or 5)
 # entries priced exactly for a group outside the codebook (e8_round)
 SHORTLIST = 8
-_MAGS = (1.0, 3.0, 5.0)
 
 
 @functools.cache
-def _e8_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(E8_GRID as float [512, 8]; index of each magnitude vector by its base-3 key
-    sum_j k_j 3^j with m_j = 2 k_j + 1, or -1 where the vector is not in the codebook;
-    E8_PARITY as bool [512]; [m^2, -2 m] stacked [16, 512], so that for weights a and
+def _e8_tables(entries: int) -> tuple[torch.Tensor, ...]:
+    """For the codebook ``formats.e8_grid(entries)``: (the odd magnitudes a coordinate can
+    take [M]; the codebook as float [n, 8]; index of each magnitude vector by its key
+    sum_j k_j M^j with m_j = 2 k_j + 1, or -1 where the vector is not in the codebook;
+    the parities as bool [n]; [m^2, -2 m] stacked [16, n], so that for weights a and
     importance i the matrix product [i, i a] @ it is sum_j i_j (m_j^2 - 2 a_j m_j), each
     entry's weighted distance less its constant sum_j i_j a_j^2)."""
-    grid = torch.from_numpy(E8_GRID.astype(np.float32))
+    g = e8_grid(entries)
+    grid = torch.from_numpy(g.astype(np.float32))
+    mags = torch.arange(1, int(g.max()) + 1, 2, dtype=torch.float32)
     k = (grid.to(torch.int64) - 1) // 2
-    key = (k * 3 ** torch.arange(GROUP)).sum(-1)
-    lookup = torch.full((3 ** GROUP,), -1, dtype=torch.int64)
-    lookup[key] = torch.arange(E8_ENTRIES)
-    parity = torch.from_numpy(E8_PARITY.astype(bool))
-    return grid, lookup, parity, torch.cat([grid * grid, -2 * grid], 1).T.contiguous()
+    key = (k * len(mags) ** torch.arange(GROUP)).sum(-1)
+    lookup = torch.full((len(mags) ** GROUP,), -1, dtype=torch.int64)
+    lookup[key] = torch.arange(entries)
+    parity = torch.from_numpy(e8_parity(g).astype(bool))
+    return mags, grid, lookup, parity, torch.cat([grid * grid, -2 * grid], 1).T.contiguous()
 
 
-def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def e8_round(t: torch.Tensor, imp: torch.Tensor, entries: int = E8_ENTRIES,
+             chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codebook point of every group ``t`` [G, 8] (weights in units of their
     group's scale) under the weighted distance sum imp_j (t_j - c_j)^2 -> (index int64 [G],
     negative bool [G, 8]).
@@ -255,16 +259,16 @@ def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[tor
     needs an odd number of such moves. Groups whose point lies outside the codebook
     (norm above 48, bar 61 vectors of norm 56) are searched over all 512 entries
     (those of the wrong sign parity through a shortlist: ``SHORTLIST``)."""
-    grid, lookup, parity, expand = _e8_tables()
+    mags, grid, lookup, parity, expand = _e8_tables(entries)
+    top = len(mags) - 1
     a, neg = t.abs(), t < 0
-    mags = torch.tensor(_MAGS)
-    cost = (a[..., None] - mags) ** 2                             # [G, 8, 3], sign of t
+    cost = (a[..., None] - mags) ** 2                             # [G, 8, M], sign of t
     k0 = cost.argmin(-1)
     base = cost.gather(-1, k0[..., None])[..., 0]
-    up = cost.gather(-1, torch.clamp(k0 + 1, max=2)[..., None])[..., 0]
+    up = cost.gather(-1, torch.clamp(k0 + 1, max=top)[..., None])[..., 0]
     down = cost.gather(-1, torch.clamp(k0 - 1, min=0)[..., None])[..., 0]
     inf = torch.full_like(base, float("inf"))
-    up = torch.where(k0 < 2, up, inf)
+    up = torch.where(k0 < top, up, inf)
     down = torch.where(k0 > 0, down, inf)
     flip = (a + mags[k0]) ** 2
     fix = imp * (torch.minimum(torch.minimum(up, down), flip) - base)
@@ -274,13 +278,13 @@ def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[tor
     rows = torch.nonzero(bad)[:, 0]
     jj = j[rows]
     kj, aj = k0[rows, jj], a[rows, jj]
-    best_move = torch.stack([torch.where(kj < 2, up[rows, jj], inf[rows, jj]),
+    best_move = torch.stack([torch.where(kj < top, up[rows, jj], inf[rows, jj]),
                              torch.where(kj > 0, down[rows, jj], inf[rows, jj]),
                              flip[rows, jj]], -1).argmin(-1)       # 0 up, 1 down, 2 flip
     k[rows, jj] = torch.where(best_move == 0, kj + 1, torch.where(best_move == 1, kj - 1, kj))
     neg[rows, jj] = torch.where(best_move == 2, ~neg[rows, jj], neg[rows, jj])
     del aj
-    index = lookup[(k * 3 ** torch.arange(GROUP)).sum(-1)]
+    index = lookup[(k * len(mags) ** torch.arange(GROUP)).sum(-1)]
     out = torch.nonzero(index < 0)[:, 0]
     for c0 in range(0, len(out), chunk):                         # outside the codebook: every entry
         g = out[c0:c0 + chunk]
@@ -306,9 +310,9 @@ def e8_round(t: torch.Tensor, imp: torch.Tensor, chunk: int = 8192) -> tuple[tor
     return index, neg
 
 
-def e8_values(index: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+def e8_values(index: torch.Tensor, negative: torch.Tensor, entries: int = E8_ENTRIES) -> torch.Tensor:
     """Signed codebook points [..., 8] of ``index`` [...] (in units of the group's scale)."""
-    m = _e8_tables()[0][index]
+    m = _e8_tables(entries)[1][index]
     return torch.where(negative, -m, m)
 
 
@@ -327,20 +331,21 @@ def _e8_sub(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, E8_N_SUB, E8_SUB // GROUP, GROUP)
 
 
-def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Config()) -> torch.Tensor:
+def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Config(),
+                    qtype: E8Type = E8) -> torch.Tensor:
     """Per sub-block of 16 weights of blocks ``wb`` [..., 64] the unit (scale of codebook
     magnitude 1) among ``cfg.search`` x its rms with the smallest importance-weighted
     error, then refitted by weighted least squares with the codes held -> float [..., 4]."""
     x, ii = _e8_sub(wb)[..., 0, :, :, :], _e8_sub(imp)[..., 0, :, :, :]      # [..., 4, 2, 8]
-    rms = torch.clamp(x.pow(2).mean((-1, -2)).sqrt(), min=1e-30)                # [..., 4]
+    rms = torch.clamp(x.pow(2).mean((-1, -2)).sqrt(), min=1e-30) * 5 / int(qtype.grid.max())  # [..., 4]
     best = best_err = None
 
     def consider(unit):
         nonlocal best, best_err
         unit = torch.clamp(unit, min=1e-30)
         u = unit[..., None, None]
-        idx, neg = e8_round((x / u).reshape(-1, GROUP), ii.reshape(-1, GROUP))
-        c = e8_values(idx, neg).reshape(x.shape)
+        idx, neg = e8_round((x / u).reshape(-1, GROUP), ii.reshape(-1, GROUP), qtype.entries)
+        c = e8_values(idx, neg, qtype.entries).reshape(x.shape)
         err = (ii * (x - u * c) ** 2).sum((-1, -2))
         if best is None:
             best, best_err = unit, err
@@ -353,13 +358,13 @@ def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Confi
         consider(rms * f)
     for _ in range(cfg.refits):
         u = best[..., None, None]
-        idx, neg = e8_round((x / u).reshape(-1, GROUP), ii.reshape(-1, GROUP))
-        c = e8_values(idx, neg).reshape(x.shape)
+        idx, neg = e8_round((x / u).reshape(-1, GROUP), ii.reshape(-1, GROUP), qtype.entries)
+        c = e8_values(idx, neg, qtype.entries).reshape(x.shape)
         consider((ii * x * c).sum((-1, -2)) / torch.clamp((ii * c * c).sum((-1, -2)), min=1e-30))
     return best
 
 
-def round_e8_block(wb: torch.Tensor, imp: torch.Tensor, d: torch.Tensor, q: torch.Tensor):
+def round_e8_block(wb: torch.Tensor, imp: torch.Tensor, d: torch.Tensor, q: torch.Tensor, qtype: E8Type = E8):
     """Codes of blocks ``wb`` [..., 64] on the stored scales (d [...], q [..., 4]) ->
     (index [..., 8], negative bool [..., 64], dequantized float [..., 64]); exactly the
     values the file decodes."""
@@ -368,34 +373,36 @@ def round_e8_block(wb: torch.Tensor, imp: torch.Tensor, d: torch.Tensor, q: torc
     u = u.repeat_interleave(E8_SUB // GROUP, dim=-1)[..., None]                  # [..., 8, 1]
     shape = wb.shape[:-1]
     g = wb.reshape(*shape, N_GROUPS, GROUP)
-    idx, neg = e8_round((g / u).reshape(-1, GROUP), imp.reshape(-1, GROUP))
+    idx, neg = e8_round((g / u).reshape(-1, GROUP), imp.reshape(-1, GROUP), qtype.entries)
     idx, neg = idx.reshape(*shape, N_GROUPS), neg.reshape(*shape, BLOCK)
     qi = q.to(torch.int32).repeat_interleave(E8_SUB, dim=-1)
-    n = e8_values(idx, neg.reshape(*shape, N_GROUPS, GROUP)).reshape(*shape, BLOCK).to(torch.int32) * qi
+    n = e8_values(idx, neg.reshape(*shape, N_GROUPS, GROUP), qtype.entries).reshape(*shape, BLOCK).to(torch.int32) * qi
     return idx, neg, d.to(torch.float32)[..., None] * n.to(torch.float32) / 16
 
 
-def e8_codes(d: torch.Tensor, q: torch.Tensor, index: torch.Tensor, negative: torch.Tensor) -> E8Codes:
+def e8_codes(d: torch.Tensor, q: torch.Tensor, index: torch.Tensor, negative: torch.Tensor, qtype: E8Type) -> E8Codes:
     return E8Codes(d=d.to(torch.float16).numpy(), scales=q.to(torch.uint8).numpy(),
-                   index=index.to(torch.int64).numpy().astype(np.uint16), negative=negative.numpy().astype(bool))
+                   index=index.to(torch.int64).numpy().astype(np.uint16), negative=negative.numpy().astype(bool),
+                   entries=qtype.entries)
 
 
 def quantize_e8(weight: torch.Tensor, importance: torch.Tensor | None = None,
-                cfg: E8Config = E8Config()) -> E8Codes:
-    """Round-to-nearest HIQ2_E8 with importance-weighted searched sub-block scales."""
+                cfg: E8Config = E8Config(), qtype: E8Type = E8) -> E8Codes:
+    """Round-to-nearest lattice codes (any HIQ2_E8* member) with importance-weighted
+    searched sub-block scales."""
     w = weight.detach().to(torch.float32)
     wb = _blocks(w)
     imp = _blocks(floored_importance(importance, w, RTNConfig(importance_floor=cfg.importance_floor)))
-    d, q = store_e8_units(search_e8_units(wb, imp, cfg))
-    idx, neg, _ = round_e8_block(wb, imp, d, q)
-    return e8_codes(d, q, idx, neg)
+    d, q = store_e8_units(search_e8_units(wb, imp, cfg, qtype))
+    idx, neg, _ = round_e8_block(wb, imp, d, q, qtype)
+    return e8_codes(d, q, idx, neg, qtype)
 
 
 def quantize_member(weight: torch.Tensor, qtype: HIQ2Type | E8Type, importance: torch.Tensor | None = None
                     ) -> Codes | E8Codes:
     """Importance-weighted round-to-nearest codes of ``weight`` as any of our types."""
     if isinstance(qtype, E8Type):
-        return quantize_e8(weight, importance)
+        return quantize_e8(weight, importance, qtype=qtype)
     return quantize_rtn(weight, qtype.n_high, importance)
 
 

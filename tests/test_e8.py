@@ -8,38 +8,41 @@ import numpy as np
 import pytest
 import torch
 
-from hiq2gguf.formats import E8, E8_GRID, E8_PARITY, get_type
+from hiq2gguf.formats import E8, E8_TYPES, e8_grid, e8_parity, get_type
 from hiq2gguf.gptq import GPTQ
 from hiq2gguf.quantize import dequantize_torch, e8_round, e8_values, quantize_e8, quantize_member, quantize_rtn
 from tests.test_gptq import correlated_inputs
 
 
-def brute_force(t: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
+def brute_force(t: torch.Tensor, imp: torch.Tensor, entries: int) -> torch.Tensor:
     """Smallest weighted distance from each group t [G, 8] to any codebook entry with any
     signs allowed by the lattice rule: every entry, every sign pattern."""
-    grid = torch.from_numpy(E8_GRID.astype(np.float32)).to(torch.float64)
-    parity = torch.from_numpy(E8_PARITY.astype(np.int64))
+    grid = torch.from_numpy(e8_grid(entries).astype(np.float32)).to(torch.float64)
+    parity = torch.from_numpy(e8_parity(e8_grid(entries)).astype(np.int64))
     bits = torch.arange(256)
     signs = ((bits[:, None] >> torch.arange(8)) & 1).to(torch.bool)                  # [256, 8]
     ok = ((signs.sum(-1)[None, :] + parity[:, None]) % 2) == 0                          # [512, 256]
     pts = torch.where(signs[None], -grid[:, None, :], grid[:, None, :])                 # [512, 256, 8]
-    pts = pts[ok]                                                                      # [512 * 128, 8]
+    pts = pts[ok]                                                                      # [n * 128, 8]
     t, imp = t.to(torch.float64), imp.to(torch.float64)
     return torch.stack([(imp[i] * (t[i] - pts) ** 2).sum(-1).min() for i in range(len(t))])
 
 
+@pytest.mark.parametrize("qtype", E8_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("spread", [0.7, 2.0, 3.5])
-def test_lattice_rounding_is_the_nearest_codebook_point(spread):
+def test_lattice_rounding_is_the_nearest_codebook_point(spread, qtype):
     """The coset rounding with the parity fix, and the search for groups whose nearest
-    lattice point lies outside the codebook (most of them at spread 3.5)."""
+    lattice point lies outside the codebook (most of them at spread 3.5 for HIQ2_E8;
+    the larger codebooks reach further, so their spreads are scaled up)."""
     g = torch.Generator().manual_seed(int(spread * 10))
-    t = torch.randn(300, 8, generator=g) * spread
-    imp = torch.rand(300, 8, generator=g) + 0.05
-    index, negative = e8_round(t, imp)
-    v = e8_values(index, negative).to(torch.float64)
+    n = 300 * 512 // qtype.entries + 20
+    t = torch.randn(n, 8, generator=g) * spread * (int(qtype.grid.max()) / 5)
+    imp = torch.rand(n, 8, generator=g) + 0.05
+    index, negative = e8_round(t, imp, qtype.entries)
+    v = e8_values(index, negative, qtype.entries).to(torch.float64)
     assert ((v.sum(-1) % 4) == 0).all()                        # lattice points (signed sum = 0 mod 4)
     ours = (imp.to(torch.float64) * (t.to(torch.float64) - v) ** 2).sum(-1)
-    best = brute_force(t, imp)
+    best = brute_force(t, imp, qtype.entries)
     assert torch.allclose(ours, best, rtol=1e-5, atol=1e-6), float((ours - best).max())
 
 
@@ -47,19 +50,23 @@ def weighted_error(w, q, imp):
     return float((imp * (w - q) ** 2).sum() / (imp * w ** 2).sum())
 
 
-def test_e8_codes_pack_and_decode_to_the_fake_quantized_weights():
+@pytest.mark.parametrize("qtype", E8_TYPES, ids=lambda t: t.name)
+def test_e8_codes_pack_and_decode_to_the_fake_quantized_weights(qtype):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(24, 192, generator=g) * 0.02
     w[0, :64] = 0                     # an all-zero block: d = 0
     w[1, 5] = 1.5                     # an outlier
     imp = torch.rand(192, generator=g).expand_as(w)
-    codes = quantize_e8(w, imp)
-    raw = E8.pack(codes)
-    assert np.array_equal(E8.pack(E8.unpack(raw)), raw)
+    codes = quantize_e8(w, imp, qtype=qtype)
+    raw = qtype.pack(codes)
+    assert raw.shape == (24, 3 * qtype.type_size)
+    assert np.array_equal(qtype.pack(qtype.unpack(raw)), raw)
     fake = dequantize_torch(codes).numpy()
-    assert np.array_equal(fake.view(np.uint32), E8.dequantize(raw).view(np.uint32))
+    assert np.array_equal(fake.view(np.uint32), qtype.dequantize(raw).view(np.uint32))
     assert not fake[0, :64].any()
-    assert quantize_member(w, E8, imp).index.tolist() == codes.index.tolist()
+    assert quantize_member(w, qtype, imp).index.tolist() == codes.index.tolist()
+    if qtype.ext_bits:                # the extension bits are used: indices beyond the first 512
+        assert (codes.index >= 512).any()
 
 
 def test_searched_scales_beat_the_reference_quantizer():
@@ -82,19 +89,38 @@ def test_lattice_member_stores_weights_better_than_h0():
     assert e8 < 0.8 * h0, (e8, h0)
 
 
-def test_gptq_e8_beats_rtn_on_layer_output_and_stays_on_the_grid():
+@pytest.mark.parametrize("qtype", E8_TYPES, ids=lambda t: t.name)
+def test_gptq_e8_beats_rtn_on_layer_output_and_stays_on_the_grid(qtype):
     g = torch.Generator().manual_seed(6)
     W = torch.randn(64, 256, generator=g) * 0.05
     X = correlated_inputs(2048, 256, 6)
     gptq = GPTQ(256)
     for chunk in X.split(512):
         gptq.add_batch(chunk)
-    codes = gptq.quantize_as(W, E8)
-    raw = E8.pack(codes)                                        # raises if off the grid
+    codes = gptq.quantize_as(W, qtype)
+    raw = qtype.pack(codes)                                     # raises if off the grid
     Wg = dequantize_torch(codes)
-    assert np.array_equal(Wg.numpy().view(np.uint32), E8.dequantize(raw).view(np.uint32))
-    Wr = dequantize_torch(quantize_e8(W))
+    assert np.array_equal(Wg.numpy().view(np.uint32), qtype.dequantize(raw).view(np.uint32))
+    Wr = dequantize_torch(quantize_e8(W, qtype=qtype))
     Xt = correlated_inputs(1024, 256, 6, sample_seed=98)
     err_g = float(((Xt @ (Wg - W).T) ** 2).mean())
     err_r = float(((Xt @ (Wr - W).T) ** 2).mean())
     assert err_g < 0.8 * err_r, (err_g, err_r)
+
+
+def test_larger_codebooks_store_weights_better():
+    """Each step up the family (2.5, 2.75, 3.0 bpw) lowers the weighted error clearly."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 576, generator=g)
+    imp = (torch.rand(576, generator=g) + 0.1).expand_as(w)
+    errs = [weighted_error(w, dequantize_torch(quantize_e8(w, imp, qtype=t)), imp) for t in E8_TYPES]
+    assert [t.bpw for t in E8_TYPES] == [2.5, 2.75, 3.0]
+    assert errs[1] < 0.8 * errs[0] and errs[2] < 0.8 * errs[1], errs
+
+
+def test_codebooks_are_prefixes_and_the_layouts_fit():
+    assert np.array_equal(e8_grid(8192)[:2048], e8_grid(2048)) and np.array_equal(e8_grid(2048)[:512], e8_grid(512))
+    assert [t.type_size for t in E8_TYPES] == [20, 22, 24] and [t.type_id for t in E8_TYPES] == [109, 110, 111]
+    for t in E8_TYPES:             # every bit pattern decodes (and packs back to itself)
+        raw = np.random.default_rng(t.type_id).integers(0, 256, (5, 4 * t.type_size), dtype=np.uint8)
+        assert np.array_equal(t.pack(t.unpack(raw)), raw)

@@ -76,13 +76,13 @@ def _model_objective(model, params, fisher, windows, plan, cands):
 def test_budget_errors():
     with pytest.raises(BudgetError, match="minimum is 2.50"):
         candidate_types(2.4)
-    assert [t.name for t in candidate_types(2.6)] == ["HIQ2_E8", "HIQ2_H0", "HIQ2_H1", "HIQ2_H2", "HIQ2_H3",
-                                                      "HIQ2_H4"]
+    assert [t.name for t in candidate_types(2.6)] == ["HIQ2_E8", "HIQ2_H0", "HIQ2_E8_2K", "HIQ2_H1", "HIQ2_E8_8K",
+                                                      "HIQ2_H2", "HIQ2_H3", "HIQ2_H4"]
 
 
 def test_parse_ratios():
     assert [t.name for t in parse_ratios("H4,0,hiq2_h2,0.25")] == ["HIQ2_H0", "HIQ2_H2", "HIQ2_H4"]
-    assert [t.name for t in parse_ratios("H2,e8,HIQ2_E8")] == ["HIQ2_E8", "HIQ2_H2"]
+    assert [t.name for t in parse_ratios("H2,e8,HIQ2_E8,e8_8k")] == ["HIQ2_E8", "HIQ2_E8_8K", "HIQ2_H2"]
     for bad in ("H9", "E9", "0.3", "x", ""):
         with pytest.raises(BudgetError):
             parse_ratios(bad)
