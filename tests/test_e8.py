@@ -4,6 +4,8 @@ pack and decode to exactly the fake-quantized weights, the searched scales beat 
 reference quantizer, GPTQ beats RTN on a layer's output, and at equal size the lattice
 member stores weights better than HIQ2_H0 (the reason it exists)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,16 @@ def test_codebooks_are_prefixes_and_the_layouts_fit():
     for t in E8_TYPES:             # every bit pattern decodes (and packs back to itself)
         raw = np.random.default_rng(t.type_id).integers(0, 256, (5, 4 * t.type_size), dtype=np.uint8)
         assert np.array_equal(t.pack(t.unpack(raw)), raw)
+
+
+@pytest.mark.parametrize("entries", [512, 2048])
+def test_codebook_is_the_smallest_odd_vectors(entries):
+    m = e8_grid(entries).astype(np.int64)
+    assert m.shape == (entries, 8) and len({tuple(r) for r in m.tolist()}) == entries
+    assert (m % 2 == 1).all() and m[0].tolist() == [1] * 8
+    norms = (m ** 2).sum(-1)
+    assert (norms[1:] >= norms[:-1]).all()
+    taken = {tuple(r) for r in m.tolist()}
+    smaller = [v for v in itertools.product([1, 3, 5, 7, 9], repeat=8)
+               if sum(x * x for x in v) < norms[-1] and v not in taken]
+    assert smaller == []                      # nothing left out is smaller than the largest taken

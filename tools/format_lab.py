@@ -12,18 +12,16 @@ each with a 4-bit scale ``q in 1..16`` times the block's fp16 ``d``, no zero poi
 - ``sym2/S``: every weight on the symmetric 2-bit grid {-3, -1, 1, 3} x d q / 16.
 - ``sym3/S``: every weight on the symmetric 3-bit grid {-7, ..., 7} (odd) x d q / 16.
 - ``e8/S``: 8-weight vectors from a lattice codebook: 512 magnitude vectors of odd
-  integers (the smallest by norm, see ``e8_magnitudes``) with 7 sign bits; the
+  integers (the smallest by norm, ``hiq2gguf.formats.e8_grid``) with 7 sign bits; the
   eighth sign makes the signed sum a multiple of 4, which puts every code on the
   E8 lattice (coset 2 D8 + 1). 16 bits per 8 weights = 2 bits per weight.
-  ``e8x2048/S``: the 2048 smallest, 18 bits per 8 weights.
+  ``e8x2048/S``: the 2048 smallest, 18 bits per 8 weights; ``e8x8192/S``: 8192, 20 bits.
 - ``+mask``: one more byte per block, the room a member with high groups needs.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from functools import lru_cache
 
 import sys
 from pathlib import Path
@@ -34,27 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hiq2gguf.formats import BLOCK, GROUP  # noqa: E402  (the block and group of today's format)
+from hiq2gguf.quantize import e8_round, e8_values  # noqa: E402
 
 SCALE_STEPS = 16          # 4-bit sub-scale q in 1..16: s = d q / 16
 # sub-block scale candidates, in units of the weights' root mean square (the best scale of
 # every layout here lies inside: about 0.3 rms for 3 bits, 0.5 for 2 bits and E8)
 SEARCH = tuple(float(f) for f in np.geomspace(0.15, 1.5, 16))
 REFITS = 2                # weighted least-squares refits of the best scale
-
-
-@lru_cache(maxsize=None)
-def e8_magnitudes(n: int = 512, top: int = 9) -> torch.Tensor:
-    """The ``n`` vectors of odd magnitudes (1, 3, ..., top)^8 of smallest norm -> float [n, 8].
-    Ties in norm go to the vector with fewer distinct large entries first (lexicographic
-    order of the sorted magnitudes, then of the vector), so the table is fixed."""
-    odd = np.arange(1, top + 1, 2)
-    vecs = np.array(list(itertools.product(odd, repeat=GROUP)), dtype=np.int64)
-    norm = (vecs ** 2).sum(1)
-    sorted_desc = -np.sort(-vecs, axis=1)
-    keys = [vecs[:, i] for i in reversed(range(GROUP))] + \
-           [sorted_desc[:, i] for i in reversed(range(GROUP))] + [norm]
-    order = np.lexsort(keys)
-    return torch.tensor(vecs[order[:n]], dtype=torch.float32)
 
 
 def _subblocks(w: torch.Tensor, imp: torch.Tensor, sub: int):
@@ -147,39 +131,17 @@ class E8(Layout):
         code_bits = int(np.log2(self.entries)) + 7       # index + 7 signs per 8 weights
         return 2 + BLOCK // self.sub // 2 + self.mask + BLOCK // GROUP * code_bits // 8
 
-    def round(self, x, imp, s, chunk: int = 4096):
-        mags = e8_magnitudes(self.entries)                    # [n, 8]
-        msum = mags.sum(-1).to(torch.int64)                   # parity class of each vector
+    def round(self, x, imp, s):
+        # the nearest codebook point under the weighted distance: hiq2gguf's own rounding
         shape = x.shape
-        g = x.reshape(-1, GROUP)
-        gi = imp.reshape(-1, GROUP)
-        gs = s[..., None].expand(shape[:-1] + (shape[-1] // GROUP,)).reshape(-1, 1)
-        out = torch.empty_like(g)
-        for a in range(0, g.shape[0], chunk):
-            w, i, sc = g[a:a + chunk], gi[a:a + chunk], gs[a:a + chunk]
-            aw = w.abs() / sc                                 # magnitudes in scale units
-            neg = (w < 0).sum(-1, keepdim=True)
-            # squared error of each codebook vector with the signs of w
-            err = (i[:, None, :] * (aw[:, None, :] - mags[None]) ** 2).sum(-1)       # [c, n]
-            # E8: the signed sum must be 0 mod 4, i.e. sum(m) = 2 #neg (mod 4); if not, flip
-            # the sign whose flip costs least (4 |w| m imp in scale units)
-            bad = ((msum[None] - 2 * neg) % 4) != 0
-            flip = (4 * i[:, None, :] * aw[:, None, :] * mags[None]).amin(-1)
-            err = err + torch.where(bad, flip, torch.zeros_like(flip))
-            k = err.argmin(-1)
-            m = mags[k]
-            sign = torch.where(w < 0, -1.0, 1.0)
-            cost = 4 * i * aw * m
-            j = cost.argmin(-1)
-            fix = bad.gather(1, k[:, None]).squeeze(1)
-            sign[fix, j[fix]] *= -1
-            out[a:a + chunk] = sign * m * sc
-        return out.reshape(shape)
+        u = s[..., None].expand(shape[:-1] + (shape[-1] // GROUP,)).reshape(-1, 1)
+        idx, neg = e8_round(x.reshape(-1, GROUP) / u, imp.reshape(-1, GROUP), self.entries)
+        return (e8_values(idx, neg, self.entries) * u).reshape(shape)
 
 
 LAYOUTS = {lay.name: lay for lay in (
     Scalar(2, 32, mask=True), Scalar(2, 16), Scalar(3, 32), Scalar(3, 16),
-    E8(32, mask=True), E8(16), E8(16, mask=True), E8(16, entries=2048))}
+    E8(32, mask=True), E8(16), E8(16, mask=True), E8(16, entries=2048), E8(16, entries=8192))}
 
 
 def parse_layouts(spec: str | None) -> list[Layout]:
