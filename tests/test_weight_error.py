@@ -53,6 +53,9 @@ def test_measure_and_report_on_a_random_weight(runtime_lib):
 
 def test_bad_arguments_fail_before_any_work(capsys):
     assert weight_error.main(["--ours", "9"]) == 2
-    assert "not HIQ2 members" in capsys.readouterr().err
+    assert "not one of our types" in capsys.readouterr().err
+    assert weight_error.main(["--ours", "e8_3k"]) == 2
+    assert "'e8_3k' is not one of our types" in capsys.readouterr().err
+    assert [t.name for t in weight_error.parse_ours("e8_8k,2,E8")] == ["HIQ2_E8_8K", "HIQ2_H2", "HIQ2_E8"]
     assert weight_error.main(["--stock", "Q9_K"]) == 2
     assert "unknown Q9_K" in capsys.readouterr().err

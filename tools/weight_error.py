@@ -50,7 +50,7 @@ from hiq2gguf.quantize import dequantize_torch, quantize_member  # noqa: E402
 from hiq2gguf.stock import StockType, ggml, parse_stock_types  # noqa: E402
 
 STOCK_DEFAULT = "IQ2_XXS,IQ2_XS,IQ2_S,Q2_K,IQ3_XXS,IQ3_S,Q3_K,IQ4_NL,Q4_0"
-OURS_DEFAULT = "e8,0,1,2,3,4,6"
+OURS_DEFAULT = "e8,e8_2k,e8_8k,0,1,2,3,4,6"
 CALIB_WINDOWS = 16        # compare_stock's default: its importance matrix is the one used
 
 
@@ -104,15 +104,20 @@ def load_inputs(model: str, names: list[str], rows: int, threads: int, log):
 
 
 def parse_ours(spec: str) -> list:
-    """``"e8,0,2"`` -> our types (H members by their number of high groups)."""
+    """``"e8,e8_8k,0,2"`` -> our types (H members by their number of high groups, the
+    lattice members by name without ``HIQ2_``)."""
     out = []
     for item in (s.strip().lower() for s in spec.split(",") if s.strip()):
-        if item == "e8":
-            out.append(formats.E8)
-        elif item.isdigit() and 0 <= int(item) <= formats.N_GROUPS:
+        if item.isdigit() and 0 <= int(item) <= formats.N_GROUPS:
             out.append(formats.get_type(int(item) + formats.FIRST_TYPE_ID))
+        elif item.startswith("e8"):
+            try:
+                out.append(formats.get_type("HIQ2_" + item))
+            except formats.FormatError:
+                raise WeightErrorError(f"--ours: {item!r} is not one of our types") from None
         else:
-            raise WeightErrorError(f"--ours: {item!r} is not one of our types (0..{formats.N_GROUPS}, e8)")
+            raise WeightErrorError(f"--ours: {item!r} is not one of our types (0..{formats.N_GROUPS}, "
+                                   f"{', '.join(t.name[5:].lower() for t in formats.E8_TYPES)})")
     return out
 
 
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=512, help="first rows of each weight (0: all)")
     ap.add_argument("--stock", default=STOCK_DEFAULT)
     ap.add_argument("--ours", default=OURS_DEFAULT,
-                    help="our types: H members by number of high groups, e8 for HIQ2_E8")
+                    help="our types: H members by number of high groups, e8, e8_2k, e8_8k")
     ap.add_argument("--lab", help="candidate layouts of tools/format_lab.py to measure too (names, or all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the per-weight results here")
