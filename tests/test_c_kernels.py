@@ -1,7 +1,7 @@
 """The C kernels of the patched llama.cpp against the numpy reference (hiq2gguf.formats).
 
 Loads libggml-base / libggml-cpu of the built runtime with ctypes and checks,
-for every type of ours (the H family and HIQ2_E8) and for every build of libggml-cpu: the runtime's own
+for every type of ours (the H family and the E8 members) and for every build of libggml-cpu: the runtime's own
 (-march=native; on an AVX-512 host its AVX-512 kernels) and the CPU variants
 (runtime.CPU_VARIANTS: AVX2, and the portable C), which are built on first use
 and run here when the CPU can execute them:
@@ -12,12 +12,12 @@ and run here when the CPU can execute them:
   * vec_dot against Q8_0 == float64 dequant(w) . dequant(q8_0(y)) within
     VEC_DOT_RTOL * sum |w_i y_i| (float32 accumulation over <= 24 blocks);
   * vec_dot's 2 x 2 tile and the GEMM of the llamafile_sgemm hook (every build has one
-    for the H family; HIQ2_E8 has neither: one product per call, the hook declines it)
+    for the H family; the E8 members have neither: one product per call, the hook declines them)
     within the same bound, and a mul_mat graph on the CPU backend;
   * ggml_validate_row_data accepts valid rows and rejects a bad mask popcount (H family),
     NaN / inf / negative scales;
-  * the HIQ2_E8 codebook in ggml-base is formats.E8_GRID, and the committed header
-    kernels/ggml/hiq2-e8grid.h is what gen_e8grid.py writes;
+  * the E8 codebook in ggml-base is formats.e8_grid(8192) (each member's is a prefix), and
+    the committed header kernels/ggml/hiq2-e8grid.h is what gen_e8grid.py writes;
   * each library's kernels are its own (not interposed by another loaded build) and
     use the vector registers of its instruction set, no wider (objdump).
 Skipped (with the reason) when the runtime is not built.
@@ -26,6 +26,7 @@ Skipped (with the reason) when the runtime is not built.
 from __future__ import annotations
 
 import ctypes as C
+import functools
 import os
 import re
 import shutil
@@ -37,16 +38,36 @@ import numpy as np
 import pytest
 
 from hiq2gguf import runtime
-from hiq2gguf.formats import ALL_TYPES, E8, E8_GRID, E8_PARITY, HIQ2_TYPES, HIQ2Type, get_type
+from hiq2gguf.formats import ALL_TYPES, E8_TYPES, HIQ2_TYPES, HIQ2Type, e8_grid, e8_parity, get_type
 
 GGML_TYPE_Q8_0 = 8
 QK8_0 = 32
 Q8_0_BYTES = 34
 VEC_DOT_RTOL = 1e-5
 
-TYPES = sorted(ALL_TYPES)            # ids 100..109: the H family and HIQ2_E8
+TYPES = sorted(ALL_TYPES)            # ids 100..111: the H family and the E8 members
 H_TYPES = sorted(HIQ2_TYPES)         # ids 100..108: what has a 2 x 2 tile, a GEMM and a mask
+E8_IDS = [t.type_id for t in E8_TYPES]   # 109..111
 COLS = [64, 576, 1536]
+
+
+def _ref_rows(t, rows: int) -> int:
+    """Rows of float test data for type t: the numpy reference quantizer searches the whole
+    codebook per group, seconds per 1536-column row for HIQ2_E8_8K's 8192 entries, so that
+    member gets one row (the C quantizer is fast; it is the reference that is slow)."""
+    return 1 if getattr(t, "entries", 0) > 2048 else rows
+
+
+@functools.cache
+def _references(type_id: int, rows: int, cols: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (floats, formats' quantize_ref bytes) of _float_cases, computed once for every
+    build of libggml-cpu under test (the ggml fixture's parameters)."""
+    t = get_type(type_id)
+    out = {}
+    for name, x in _float_cases(_ref_rows(t, rows), cols, seed).items():
+        with np.errstate(all="ignore"):
+            out[name] = (x, t.quantize_ref(x))
+    return out
 
 
 # ---- ctypes bindings ---------------------------------------------------------------
@@ -209,7 +230,8 @@ def _float_cases(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
 
 def _random_raw(t, rows: int, cols: int, seed: int) -> np.ndarray:
     """Random blocks: any finite fp16 d (incl. subnormal/negative), any other bits; for the H
-    family popcount(mask) = H (every HIQ2_E8 bit pattern of scales and codes is valid)."""
+    family popcount(mask) = H (every bit pattern of an E8 member's scales, codes and
+    extension bytes is valid)."""
     rng = np.random.default_rng(seed)
     nb = cols // 64
     raw = rng.integers(0, 256, (rows, nb, t.type_size), dtype=np.uint8)
@@ -263,7 +285,7 @@ def test_traits(ggml, type_id):
     cpu = ggml.traits_cpu(type_id)
     assert cpu.from_float and cpu.vec_dot
     assert cpu.vec_dot_type == GGML_TYPE_Q8_0
-    # HIQ2_E8's vec_dot computes one product per call
+    # the E8 members' vec_dot computes one product per call
     assert cpu.nrows in ((1, 2) if type_id in HIQ2_TYPES else (1,))
 
 
@@ -280,9 +302,7 @@ def test_dequantize_random_blocks(ggml, type_id, cols):
 def test_quantize_and_dequantize_match_numpy(ggml, type_id, cols):
     t = get_type(type_id)
     nbytes = t.row_bytes(cols)
-    for name, x in _float_cases(4, cols, seed=type_id + cols).items():
-        with np.errstate(all="ignore"):
-            ref = t.quantize_ref(x)
+    for name, (x, ref) in _references(type_id, 4, cols, type_id + cols).items():
         _bytes_equal(ggml.quantize_ref(type_id, x, nbytes), ref, t, f"{name}: from_float_ref")
         _bytes_equal(ggml.quantize_cpu(type_id, x, nbytes), ref, t, f"{name}: cpu from_float")
         _bytes_equal(ggml.quantize_chunk(type_id, x, nbytes), ref, t, f"{name}: ggml_quantize_chunk")
@@ -296,11 +316,10 @@ def test_quantize_and_dequantize_match_numpy(ggml, type_id, cols):
 def test_vec_dot_q8_0(ggml, type_id, cols):
     t = get_type(type_id)
     rng = np.random.default_rng(type_id * 7 + cols)
-    cases = _float_cases(3, cols, seed=cols)
+    cases = _references(type_id, 3, cols, cols)
     for name in ("normal", "weights", "heavy_tail", "outliers", "all_positive", "all_negative",
                  "zeros", "integers", "small"):
-        w = cases[name]
-        raw = t.quantize_ref(w)
+        w, raw = cases[name]
         wd = t.dequantize(raw).astype(np.float64)
         for r in range(w.shape[0]):
             y = (rng.standard_normal(cols) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
@@ -392,32 +411,43 @@ def test_sgemm(ggml, type_id, shape):
         _check_products(out[:, :m].T.astype(np.float64), wd, yd, f"sgemm nth={nth}")
 
 
-def test_sgemm_declines_e8(ggml):
-    """HIQ2_E8 has no GEMM: the hook says no without writing, so ggml runs its vec_dot loop
-    (test_graph_mul_mat_and_get_rows checks that path)."""
+@pytest.mark.parametrize("type_id", E8_IDS)
+def test_sgemm_declines_e8(ggml, type_id):
+    """The E8 members have no GEMM: the hook says no without writing, so ggml runs its vec_dot
+    loop (test_graph_mul_mat_and_get_rows checks that path)."""
+    t = get_type(type_id)
     m, n, cols = 4, 3, 576
-    raw = _random_raw(E8, m, cols, seed=3)
+    raw = _random_raw(t, m, cols, seed=3)
     q8, _ = _q8_columns(ggml, cols, n, seed=4)
     out = np.full((n, m), np.nan, dtype=np.float32)
-    assert not _sgemm_fn(ggml)(None, 0, 1, m, n, cols // 64, raw.ctypes.data, raw.strides[0] // E8.type_size,
-                               q8.ctypes.data, q8.strides[0] // Q8_0_BYTES, out.ctypes.data, m, E8.type_id)
+    assert not _sgemm_fn(ggml)(None, 0, 1, m, n, cols // 64, raw.ctypes.data, raw.strides[0] // t.type_size,
+                               q8.ctypes.data, q8.strides[0] // Q8_0_BYTES, out.ctypes.data, m, type_id)
     assert np.isnan(out).all()
 
 
 def test_e8_codebook(ggml):
-    """ggml-base's codebook and parities are the reference's."""
-    grid = np.frombuffer(C.string_at(C.addressof(C.c_uint64.in_dll(ggml.base, "ggml_hiq2_e8_grid")), 512 * 8),
-                         np.uint8).reshape(512, 8)
-    parity = np.frombuffer(C.string_at(C.addressof(C.c_uint8.in_dll(ggml.base, "ggml_hiq2_e8_parity")), 512), np.uint8)
-    assert np.array_equal(grid, E8_GRID)
-    assert np.array_equal(parity, E8_PARITY)
-    # what the AVX2 vec_dot derives the parity from instead (odd magnitudes: xor of their bit 1)
-    assert (E8_GRID % 2 == 1).all()
-    assert np.array_equal(np.bitwise_xor.reduce((E8_GRID >> 1) & 1, axis=1), E8_PARITY)
+    """ggml-base's codebook and parities are the reference's largest (8192 entries), of which
+    every member's codebook is a prefix."""
+    entries = max(t.entries for t in E8_TYPES)
+    ref = e8_grid(entries)
+    grid = np.frombuffer(C.string_at(C.addressof(C.c_uint64.in_dll(ggml.base, "ggml_hiq2_e8_grid")), entries * 8),
+                         np.uint8).reshape(entries, 8)
+    parity = np.frombuffer(C.string_at(C.addressof(C.c_uint8.in_dll(ggml.base, "ggml_hiq2_e8_parity")), entries),
+                           np.uint8)
+    assert np.array_equal(grid, ref)
+    assert np.array_equal(parity, e8_parity(ref))
+    for t in E8_TYPES:
+        assert np.array_equal(grid[:t.entries], t.grid), t.name
+        assert t.ref_amax == int(t.grid.max()) - 1       # hiq2.h's HIQ2_E8_FOREACH column A
+    # what the AVX2 vec_dot derives the parity from instead (odd magnitudes 1..9: the xor
+    # of their bit 1), and its int16 pair sums: 2 * max magnitude * 128 must not saturate
+    assert (ref % 2 == 1).all() and int(ref.max()) == 9
+    assert np.array_equal(np.bitwise_xor.reduce((ref >> 1) & 1, axis=1), e8_parity(ref))
+    assert 2 * int(ref.max()) * 128 < 32767
 
 
 def test_e8_grid_header_is_generated():
-    """kernels/ggml/hiq2-e8grid.h is what gen_e8grid.py writes from formats.E8_GRID today."""
+    """kernels/ggml/hiq2-e8grid.h is what gen_e8grid.py writes from formats.e8_grid(8192) today."""
     gen = runtime.KERNELS_DIR / "gen_e8grid.py"
     r = subprocess.run([sys.executable, str(gen), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -436,7 +466,8 @@ def test_validate_row_data(ggml, type_id):
         bad[off] = np.uint8(0xFF) if t.n_high != 8 else np.uint8(0x7F)
         assert not ggml.validate(type_id, bad)
     else:
-        # every bit pattern of HIQ2_E8's scales and codes is valid, and so is d = -0
+        # every bit pattern of an E8 member's scales, codes and extension bytes is valid,
+        # and so is d = -0
         raw = _random_raw(t, 1, 576, seed=type_id)[0]
         raw.reshape(-1, t.type_size)[:, 0:2] = np.abs(raw.reshape(-1, t.type_size)[:, 0:2].copy().view("<f2")).view(np.uint8)
         assert ggml.validate(type_id, raw)
@@ -510,14 +541,16 @@ def _get(b, t, shape, dtype=np.float32) -> np.ndarray:
     return np.frombuffer(C.string_at(b.ggml_get_data(t), n), dtype=dtype).reshape(shape).copy()
 
 
-@pytest.mark.parametrize("type_id", [100, 102, 105, 108, 109])
+@pytest.mark.parametrize("type_id", [100, 102, 105, 108, *E8_IDS])
 def test_graph_mul_mat_and_get_rows(ggml, type_id):
     t = get_type(type_id)
     K, M, N = 576, 40, 7
     rng = np.random.default_rng(type_id)
     w = (rng.standard_normal((M, K)) * 0.05).astype(np.float32)
     x = rng.standard_normal((N, K)).astype(np.float32)
-    raw = t.quantize_ref(w)
+    # ggml's quantizer (byte-identical to formats' quantize_ref, tested above; the numpy
+    # one takes seconds for these 40 rows in the larger E8 members)
+    raw = ggml.quantize_chunk(type_id, w, t.row_bytes(K))
     b, cpu = _graph_api(ggml)
     ctx = b.ggml_init(InitParams(64 << 20, None, False))
     assert ctx
@@ -619,10 +652,11 @@ def test_kernels_use_their_instruction_set(ggml):
     for h in range(9):
         name = f"ggml_vec_dot_hiq2_h{h}_q8_0"
         assert widest.get(name) == expected, f"{name}: {sorted(funcs.get(name, ()))}, expected {expected} bits"
-    # HIQ2_E8's kernel is AVX2 at most (the AVX-512 build runs it too)
-    e8 = [name for name in funcs if name in ("ggml_vec_dot_hiq2_e8_q8_0", "hiq2_e8_vec_dot")]
-    assert e8 and min(expected, 256) <= max(widest[name] for name in e8) <= expected, \
-        {name: sorted(funcs[name]) for name in e8}
+    # the E8 members' kernel is AVX2 at most (the AVX-512 build runs it too), inlined into
+    # each member's vec_dot
+    for t in E8_TYPES:
+        name = f"ggml_vec_dot_{t.name.lower()}_q8_0"
+        assert name in funcs and min(expected, 256) <= widest[name] <= expected, (name, sorted(funcs.get(name, ())))
     # the GEMM: ggml_hiq2_sgemm with its per-member kernels (static, inlined or not)
     gemm = [name for name in funcs if name == "ggml_hiq2_sgemm" or name.startswith("hiq2_gemm_h")]
     assert max(widest[name] for name in gemm) == expected, {name: sorted(funcs[name]) for name in gemm}

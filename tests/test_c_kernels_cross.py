@@ -5,7 +5,7 @@ ctypes cannot load an AArch64 library into this process, so tests/c/hiq2_cpu_che
 is compiled with kernels/ggml/hiq2.c and hiq2-cpu.c (against the runtime's patched
 llama.cpp headers) into a static AArch64 program, run under qemu-aarch64-static; it
 prints dequantize, vec_dot (1 x 1 and the nrc == 2 tile) and the GEMM
-(ggml_hiq2_sgemm, 1 to 3 threads' static shares; for HIQ2_E8 dequantize and vec_dot,
+(ggml_hiq2_sgemm, 1 to 3 threads' static shares; for the E8 members dequantize and vec_dot,
 and it checks that the GEMM declines) for random blocks and Q8_0 activations. The same program built for this machine with the compiler's default
 flags (x86-64: the portable code) checks the program itself, and the AArch64 build
 must give its bits exactly. Needs Debian's gcc-aarch64-linux-gnu and
@@ -27,7 +27,7 @@ from hiq2gguf.formats import ALL_TYPES, HIQ2_TYPES, get_type
 from tests.test_c_kernels import Q8_0_BYTES, _bits_equal, _check_products, _random_raw
 
 HARNESS = Path(__file__).resolve().parent / "c" / "hiq2_cpu_check.c"
-TYPES = sorted(ALL_TYPES)            # the H family and HIQ2_E8
+TYPES = sorted(ALL_TYPES)            # the H family and the E8 members
 
 
 @dataclass(frozen=True)

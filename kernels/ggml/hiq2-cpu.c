@@ -1,6 +1,6 @@
 // HIQ2 tensor type family: ggml-cpu part (from_float for the CPU traits, the
 // dot product against Q8_0 activations, and a GEMM for prompt processing).
-// HIQ2_E8 (its own section below) has the dot product only: AVX2 or portable C.
+// The E8 members (their own section below) have the dot product only: AVX2 or portable C.
 //
 //   sum_i w_i y_i = d/16 * sum_b dy_b * S_b,
 //   S_b = sum_{i in b} (16 L_i - z) q_i = 16 * sum_{i in b} L_i q_i - z * sum_{i in b} q_i
@@ -53,7 +53,7 @@ _Static_assert(sizeof(hiq2_block_q8_0) == 34, "block_q8_0 layout");
 #endif
 
 #if defined(__AVX2__)
-// (also in the AVX-512 build: HIQ2_E8's kernel is AVX2 there too)
+// (also in the AVX-512 build: the E8 members' kernel is AVX2 there too)
 static HIQ2_ALWAYS_INLINE float hiq2_hsum_avx2(const __m256 acc) {
     __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
@@ -555,24 +555,27 @@ HIQ2_FOREACH(HIQ2_DEFINE_CPU_FNS)
 #undef HIQ2_DEFINE_CPU_FNS
 
 
-// ---- HIQ2_E8 x Q8_0 (docs/FORMAT.md, "HIQ2_E8") ---------------------------------
+// ---- HIQ2_E8* x Q8_0 (docs/FORMAT.md, "HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K") ----------
 //   sum_i w_i y_i = d/16 * sum_b dy_b * S_b,  S_b = sum_{i in b} n_i q_i  (exact int32)
-// with n_i = q_k * (+-m_i). One dot product per call (nrows = 1 in the CPU traits) and
-// no GEMM: ggml_hiq2_sgemm declines E8 and ggml's vec_dot loop runs it. The float steps
+// with n_i = q_k * (+-m_i). One kernel for every member, parameterised by B (index bits
+// per group: where the index is, how long the block is), inlined into each member's
+// vec_dot with B constant. One dot product per call (nrows = 1 in the CPU traits) and
+// no GEMM: ggml_hiq2_sgemm declines them and ggml's vec_dot loop runs them. The float steps
 // are the H family's: t = d * (dy_0 S_0 + dy_1 S_1) per block (portable), or the same
 // per int32 lane (AVX2); both within float32 rounding of the exact sum.
 #if defined(__AVX2__)
 // AVX2 (and the AVX-512 build): the 8 magnitude vectors of a block are 4 + 4 table
 // loads (faster than vpgatherqq here); the signs go onto the activations (vpsignb), so
-// vpmaddubsw multiplies the unsigned magnitudes (<= 5) by signed quants (pairs <= 1270,
-// no saturation) and vpmaddwd applies the 4-bit sub-scales (int16 lanes 0..7 of a half
-// are one 16-weight sub-block, lanes 8..15 the next).
+// vpmaddubsw multiplies the unsigned magnitudes (<= 9 in HIQ2_E8_8K) by signed quants
+// (pairs <= 2 * 9 * 128 = 2304, no saturation) and vpmaddwd applies the 4-bit sub-scales
+// (int16 lanes 0..7 of a half are one 16-weight sub-block, lanes 8..15 the next).
 
 // Sign masks (0xFF: negative) of 4 groups in weight order, from their u16 codes (the low
 // 8 bytes of codes: group g at bytes 2g, 2g+1) and magnitudes M (group g in qword g).
 // Bits 1..7 of byte 2g+1 are the signs of weights 0..6; weight 7's sign makes
 // #negative + parity(e) even, and parity(e) = (sum m / 2) mod 2 is the xor of bit 1 of
-// the 8 (odd) magnitudes: 1 -> 0, 3 -> 1, 5 -> 0 (+2), 7 -> 1 (+3), summed mod 2.
+// the 8 (odd) magnitudes: (m - 1) / 2 mod 2 is bit 1 of m for odd m (1 -> 0, 3 -> 1,
+// 5 -> 0, 7 -> 1, 9 -> 0), and sum m / 2 = 4 + sum (m - 1) / 2.
 static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_neg_avx2(const __m128i codes, const __m256i M) {
     const __m256i pick = _mm256_setr_epi8(1,1,1,1,1,1,1,1, 3,3,3,3,3,3,3,3, 5,5,5,5,5,5,5,5, 7,7,7,7,7,7,7,7);
     const __m256i bits = _mm256_set1_epi64x((long long) 0x0080402010080402ull);   // byte 7: not stored
@@ -586,16 +589,17 @@ static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_neg_avx2(const __m128i codes, const __
     return _mm256_cmpeq_epi8(n8, one);
 }
 
-static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_mag_avx2(const uint8_t * codes) {
+// the magnitudes of groups g0..g0+3 (codes: their u16 codes; ext: the block's extension bits)
+static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_mag_avx2(const int B, const uint8_t * codes, const uint32_t ext, const int g0) {
     uint64_t m[4];
     for (int g = 0; g < 4; ++g) {
-        m[g] = ggml_hiq2_e8_grid[ggml_hiq2_read_u16(codes + 2 * g) & (HIQ2_E8_ENTRIES - 1)];
+        m[g] = ggml_hiq2_e8_grid[ggml_hiq2_e8_index(B, ggml_hiq2_read_u16(codes + 2 * g), ext, g0 + g)];
     }
     return _mm256_setr_epi64x((long long) m[0], (long long) m[1], (long long) m[2], (long long) m[3]);
 }
 
-static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x,
-                            const uint8_t * GGML_RESTRICT y) {
+static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float * GGML_RESTRICT s,
+                                               const uint8_t * GGML_RESTRICT x, const uint8_t * GGML_RESTRICT y) {
     const int nb = n / QK_HIQ2;
     const hiq2_block_q8_0 * yb = (const hiq2_block_q8_0 *) y;
     const __m256i one = _mm256_set1_epi8(1);
@@ -605,10 +609,11 @@ static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t 
     const __m256i pick23 = _mm256_setr_epi8(2,3,2,3,2,3,2,3,2,3,2,3,2,3,2,3, 6,7,6,7,6,7,6,7,6,7,6,7,6,7,6,7);
     __m256 acc = _mm256_setzero_ps();
     for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t * blk   = x + ib * HIQ2_E8_TYPE_SIZE;
+        const uint8_t * blk   = x + ib * HIQ2_E8_TYPE_SIZE(B);
         const __m128i   codes = _mm_loadu_si128((const __m128i *)(blk + HIQ2_E8_CODES));
-        const __m256i   M0    = hiq2_e8_mag_avx2(blk + HIQ2_E8_CODES);
-        const __m256i   M1    = hiq2_e8_mag_avx2(blk + HIQ2_E8_CODES + 8);
+        const uint32_t  ext   = ggml_hiq2_e8_ext(B, blk);
+        const __m256i   M0    = hiq2_e8_mag_avx2(B, blk + HIQ2_E8_CODES, ext, 0);
+        const __m256i   M1    = hiq2_e8_mag_avx2(B, blk + HIQ2_E8_CODES + 8, ext, 4);
         const __m256i   q0    = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) yb[2 * ib].qs),
                                                  _mm256_or_si256(hiq2_e8_neg_avx2(codes, M0), one));   // -q or q
         const __m256i   q1    = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) yb[2 * ib + 1].qs),
@@ -627,14 +632,14 @@ static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t 
 }
 #else
 // portable C (SSE-only x86, ARM, ...): exact integer S_b per Q8_0 block
-static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t * GGML_RESTRICT x,
-                            const uint8_t * GGML_RESTRICT y) {
+static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float * GGML_RESTRICT s,
+                                               const uint8_t * GGML_RESTRICT x, const uint8_t * GGML_RESTRICT y) {
     const int nb = n / QK_HIQ2;
     const hiq2_block_q8_0 * yb = (const hiq2_block_q8_0 *) y;
     float acc = 0.0f;
     for (int ib = 0; ib < nb; ++ib) {
-        int8_t w[QK_HIQ2];
-        const float d = ggml_hiq2_e8_decode_block(x + ib * HIQ2_E8_TYPE_SIZE, w);
+        int16_t w[QK_HIQ2];                     // |n_i| <= 144: not int8
+        const float d = ggml_hiq2_e8_decode_block(B, x + ib * HIQ2_E8_TYPE_SIZE(B), w);
         int32_t S[2] = { 0, 0 };
         for (int b = 0; b < 2; ++b) {
             for (int j = 0; j < HIQ2_QK8_0; ++j) {
@@ -651,17 +656,19 @@ static void hiq2_e8_vec_dot(const int n, float * GGML_RESTRICT s, const uint8_t 
 }
 #endif
 
-void quantize_row_hiq2_e8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_hiq2_e8_ref(x, y, k);
-}
-
-void ggml_vec_dot_hiq2_e8_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx,
-                               const void * GGML_RESTRICT vy, size_t by, int nrc) {
-    assert(nrc == 1);
-    assert(n % QK_HIQ2 == 0);
-    (void) nrc; (void) bs; (void) bx; (void) by;
-    hiq2_e8_vec_dot(n, s, (const uint8_t *) vx, (const uint8_t *) vy);
-}
+#define HIQ2_E8_DEFINE_CPU_FNS(sfx, SFX, B, A) \
+    void quantize_row_hiq2_##sfx(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
+        quantize_row_hiq2_##sfx##_ref(x, y, k); \
+    } \
+    void ggml_vec_dot_hiq2_##sfx##_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, \
+                                        const void * GGML_RESTRICT vy, size_t by, int nrc) { \
+        assert(nrc == 1); \
+        assert(n % QK_HIQ2 == 0); \
+        (void) nrc; (void) bs; (void) bx; (void) by; \
+        hiq2_e8_vec_dot(B, n, s, (const uint8_t *) vx, (const uint8_t *) vy); \
+    }
+HIQ2_E8_FOREACH(HIQ2_E8_DEFINE_CPU_FNS)
+#undef HIQ2_E8_DEFINE_CPU_FNS
 
 
 // ---- GEMM (llamafile_sgemm hook, see patch.py) ---------------------------------
@@ -796,7 +803,7 @@ HIQ2_FOREACH(HIQ2_DEFINE_GEMM)
 bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, int64_t n, int64_t k, const void * A, int64_t lda,
                      const void * B, int64_t ldb, float * C, int64_t ldc, int Atype) {
     const size_t yb = (size_t) ldb * sizeof(hiq2_block_q8_0);   // bytes per row of B
-    switch (ggml_hiq2_n_high((enum ggml_type) Atype)) {        // -1 (declined) for HIQ2_E8
+    switch (ggml_hiq2_n_high((enum ggml_type) Atype)) {        // -1 (declined) for the E8 members
 #define HIQ2_GEMM_CASE(H) \
         case H: hiq2_gemm_h##H(tp, ith, nth, m, n, k, (const uint8_t *) A, (size_t) lda * HIQ2_TYPE_SIZE(H), \
                                (const uint8_t *) B, yb, C, (size_t) ldc); return true;

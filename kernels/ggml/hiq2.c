@@ -7,7 +7,7 @@
 // no expression has the a*b+c shape that could be contracted into an FMA.
 
 #include "hiq2.h"
-#include "hiq2-e8grid.h"     // the HIQ2_E8 codebook: defines ggml_hiq2_e8_grid / _parity
+#include "hiq2-e8grid.h"     // the HIQ2_E8* codebook: defines ggml_hiq2_e8_grid / _parity
 
 #include <assert.h>
 #include <math.h>
@@ -22,6 +22,7 @@
 HIQ2_FOREACH(HIQ2_CHECK_ID)
 #undef HIQ2_CHECK_ID
 _Static_assert(GGML_TYPE_HIQ2_E8 == HIQ2_E8_TYPE, "HIQ2_E8 type id must be 109");
+_Static_assert(HIQ2_E8_TYPE_SIZE(HIQ2_E8_MAX_BITS) - HIQ2_E8_BASE_BYTES <= 4, "E8 extension bytes: one uint32");
 _Static_assert(GGML_TYPE_COUNT > HIQ2_FIRST_TYPE + HIQ2_NTYPES_ALL - 1, "GGML_TYPE_COUNT too small for HIQ2");
 _Static_assert(sizeof(block_hiq2_max) == HIQ2_TYPE_SIZE(HIQ2_NGROUPS), "block_hiq2_max layout");
 
@@ -200,12 +201,17 @@ bool ggml_hiq2_validate_row_data(int H, const void * data, size_t nbytes) {
     return true;
 }
 
-// ---- HIQ2_E8 (docs/FORMAT.md, "HIQ2_E8"; formats.E8Type is the reference) --------
+// ---- HIQ2_E8* (docs/FORMAT.md, "HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K"; formats.E8Type is
+// the reference) ---------------------------------------------------------------------
+// One implementation for every lattice member, parameterised by B (index bits per
+// group) and A (the magnitude a sub-block's max |x| maps to); HIQ2_E8_FOREACH gives
+// each member its entry points below.
 
 // Reference quantizer for one block of 64 floats, every float32 step of
-// formats.E8.quantize_ref in its order (a statement per rounding, no a*b+c).
-static void hiq2_e8_quantize_block_ref(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT blk) {
-    // 1. sub-block maxima s_k = max |x| / 4 and d = fp16(max_k s_k)
+// formats.E8Type.quantize_ref in its order (a statement per rounding, no a*b+c).
+static void hiq2_e8_quantize_block_ref(const int B, const int A, const float * GGML_RESTRICT x,
+                                       uint8_t * GGML_RESTRICT blk) {
+    // 1. sub-block maxima s_k = max |x| / A and d = fp16(max_k s_k)
     float s[HIQ2_E8_NSUB];
     float smax = 0.0f;
     for (int k = 0; k < HIQ2_E8_NSUB; ++k) {
@@ -214,13 +220,13 @@ static void hiq2_e8_quantize_block_ref(const float * GGML_RESTRICT x, uint8_t * 
             const float v = fabsf(x[k * HIQ2_E8_SUB + i]);
             if (v > a) { a = v; }
         }
-        s[k] = a / (float) HIQ2_E8_REF_AMAX;
+        s[k] = a / (float) A;
         if (k == 0 || s[k] > smax) { smax = s[k]; }
     }
     const uint16_t dh = ggml_hiq2_fp32_to_fp16(smax);
     const float d = ggml_hiq2_fp16_to_fp32(dh);
 
-    memset(blk, 0, HIQ2_E8_TYPE_SIZE);
+    memset(blk, 0, HIQ2_E8_TYPE_SIZE(B));
     blk[0] = (uint8_t)(dh & 0xff);
     blk[1] = (uint8_t)(dh >> 8);
     if (d == 0.0f) {
@@ -238,6 +244,9 @@ static void hiq2_e8_quantize_block_ref(const float * GGML_RESTRICT x, uint8_t * 
     }
 
     // 3. per group: a_j = |x_j| / u, u = d q / 16; the entry of least error
+    const int entries = 1 << B;
+    const int eb      = B - HIQ2_E8_LOW_BITS;  // index bits in the extension bytes
+    uint32_t  ext     = 0;
     for (int g = 0; g < HIQ2_NGROUPS; ++g) {
         const float * xg = x + g * HIQ2_GROUP;
         const float p = d * (float) q[g * HIQ2_GROUP / HIQ2_E8_SUB];
@@ -254,17 +263,25 @@ static void hiq2_e8_quantize_block_ref(const float * GGML_RESTRICT x, uint8_t * 
         }
         int   best     = 0;
         float best_err = 0.0f;
-        for (int e = 0; e < HIQ2_E8_ENTRIES; ++e) {
+        for (int e = 0; e < entries; ++e) {
             const uint64_t mv = ggml_hiq2_e8_grid[e];
             float err  = 0.0f;
             float mmin = 0.0f;
-            for (int j = 0; j < HIQ2_GROUP; ++j) {
+            int   j    = 0;
+            for (; j < HIQ2_GROUP; ++j) {
                 const float m  = (float)((mv >> (8 * j)) & 0xFFu);
                 const float t  = a[j] - m;
                 const float t2 = t * t;
                 err = err + t2;
+                // the partial sums only grow (float addition of t2 >= 0 is monotone), so
+                // once one reaches best_err this entry cannot win: skipping the rest gives
+                // the exhaustive search's answer (8192 entries would be slow otherwise)
+                if (e > 0 && err >= best_err) { break; }
                 const float am = a[j] * m;
                 if (j == 0 || am < mmin) { mmin = am; }
+            }
+            if (j < HIQ2_GROUP) {
+                continue;
             }
             if ((nneg + ggml_hiq2_e8_parity[e]) & 1) {
                 const float flip = mmin * 4.0f;   // the cheapest sign flip
@@ -289,68 +306,91 @@ static void hiq2_e8_quantize_block_ref(const float * GGML_RESTRICT x, uint8_t * 
             }
             neg ^= 1u << jmin;
         }
-        const unsigned code = (unsigned) best | ((neg & 0x7Fu) << 9);
+        const unsigned code = ((unsigned) best & ((1u << HIQ2_E8_LOW_BITS) - 1u)) | ((neg & 0x7Fu) << 9);
         blk[HIQ2_E8_CODES + 2 * g]     = (uint8_t)(code & 0xff);
         blk[HIQ2_E8_CODES + 2 * g + 1] = (uint8_t)(code >> 8);
+        ext |= (uint32_t)((unsigned) best >> HIQ2_E8_LOW_BITS) << (eb * g);
+    }
+    for (int i = 0; i < eb; ++i) {
+        blk[HIQ2_E8_BASE_BYTES + i] = (uint8_t)(ext >> (8 * i));
     }
 }
 
-void quantize_row_hiq2_e8_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
+static void hiq2_e8_quantize_row_ref(const int B, const int A, const float * GGML_RESTRICT x,
+                                     void * GGML_RESTRICT y, int64_t k) {
     assert(k % QK_HIQ2 == 0);
     const int64_t nb = k / QK_HIQ2;
     uint8_t * out = (uint8_t *) y;
     for (int64_t ib = 0; ib < nb; ++ib) {
-        hiq2_e8_quantize_block_ref(x + ib * QK_HIQ2, out + ib * HIQ2_E8_TYPE_SIZE);
+        hiq2_e8_quantize_block_ref(B, A, x + ib * QK_HIQ2, out + ib * HIQ2_E8_TYPE_SIZE(B));
     }
 }
 
-void dequantize_row_hiq2_e8(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+static void hiq2_e8_dequantize_row(const int B, const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
     assert(k % QK_HIQ2 == 0);
     const int64_t nb = k / QK_HIQ2;
     const uint8_t * in = (const uint8_t *) x;
-    int8_t n[QK_HIQ2];
+    int16_t n[QK_HIQ2];
     for (int64_t ib = 0; ib < nb; ++ib) {
-        const float d = ggml_hiq2_e8_decode_block(in + ib * HIQ2_E8_TYPE_SIZE, n);
+        const float d = ggml_hiq2_e8_decode_block(B, in + ib * HIQ2_E8_TYPE_SIZE(B), n);
         float * out = y + ib * QK_HIQ2;
         for (int i = 0; i < QK_HIQ2; ++i) {
-            const float p = d * (float) n[i];   // exact: 11-bit d times 7-bit integer
+            const float p = d * (float) n[i];   // exact: 11-bit d times 8-bit integer
             out[i] = p / 16.0f;                 // exact
         }
     }
 }
 
-size_t quantize_hiq2_e8(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst,
-                        int64_t nrows, int64_t n_per_row, const float * imatrix) {
+static size_t hiq2_e8_quantize(const int B, const int A, const float * GGML_RESTRICT src, void * GGML_RESTRICT dst,
+                               int64_t nrows, int64_t n_per_row, const float * imatrix) {
     (void) imatrix;                             // as for the H family (ggml_hiq2_quantize)
-    const size_t row_size = (size_t)(n_per_row / QK_HIQ2) * HIQ2_E8_TYPE_SIZE;
+    const size_t row_size = (size_t)(n_per_row / QK_HIQ2) * HIQ2_E8_TYPE_SIZE(B);
     for (int64_t r = 0; r < nrows; ++r) {
-        quantize_row_hiq2_e8_ref(src + r * n_per_row, (uint8_t *) dst + r * row_size, n_per_row);
+        hiq2_e8_quantize_row_ref(B, A, src + r * n_per_row, (uint8_t *) dst + r * row_size, n_per_row);
     }
     return (size_t) nrows * row_size;
 }
 
 // valid when every d is finite and non-negative: every bit pattern of the
-// sub-scales and codes decodes to a lattice point
-bool validate_row_data_hiq2_e8(const void * data, size_t nbytes) {
-    if (nbytes % HIQ2_E8_TYPE_SIZE != 0) {
-        fprintf(stderr, "%s: invalid size %zu for type hiq2_e8 (type size = %d)\n", __func__, nbytes, HIQ2_E8_TYPE_SIZE);
+// sub-scales, codes and extension bytes decodes to a lattice point
+static bool hiq2_e8_validate_row_data(const int B, const char * name, const void * data, size_t nbytes) {
+    const size_t ts = HIQ2_E8_TYPE_SIZE(B);
+    if (nbytes % ts != 0) {
+        fprintf(stderr, "%s: invalid size %zu for type %s (type size = %zu)\n", __func__, nbytes, name, ts);
         return false;
     }
-    const size_t nb = nbytes / HIQ2_E8_TYPE_SIZE;
+    const size_t nb = nbytes / ts;
     const uint8_t * p = (const uint8_t *) data;
     for (size_t i = 0; i < nb; ++i) {
-        const uint16_t dh = ggml_hiq2_read_u16(p + i * HIQ2_E8_TYPE_SIZE);
+        const uint16_t dh = ggml_hiq2_read_u16(p + i * ts);
         if ((dh & 0x7c00u) == 0x7c00u) {
-            fprintf(stderr, "%s: hiq2_e8: non-finite scale d (0x%04x) at block %zu\n", __func__, dh, i);
+            fprintf(stderr, "%s: %s: non-finite scale d (0x%04x) at block %zu\n", __func__, name, dh, i);
             return false;
         }
         if ((dh & 0x8000u) && (dh & 0x7fffu)) {
-            fprintf(stderr, "%s: hiq2_e8: negative scale d (0x%04x) at block %zu\n", __func__, dh, i);
+            fprintf(stderr, "%s: %s: negative scale d (0x%04x) at block %zu\n", __func__, name, dh, i);
             return false;
         }
     }
     return true;
 }
+
+#define HIQ2_E8_DEFINE_FNS(sfx, SFX, B, A) \
+    _Static_assert(GGML_TYPE_HIQ2_##SFX == HIQ2_E8_TYPE_ID(B), "HIQ2_" #SFX ": type id 109 + (B - 9) / 2"); \
+    void dequantize_row_hiq2_##sfx(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \
+        hiq2_e8_dequantize_row(B, x, y, k); \
+    } \
+    void quantize_row_hiq2_##sfx##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
+        hiq2_e8_quantize_row_ref(B, A, x, y, k); \
+    } \
+    size_t quantize_hiq2_##sfx(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix) { \
+        return hiq2_e8_quantize(B, A, src, dst, nrows, n_per_row, imatrix); \
+    } \
+    bool validate_row_data_hiq2_##sfx(const void * data, size_t nbytes) { \
+        return hiq2_e8_validate_row_data(B, "hiq2_" #sfx, data, nbytes); \
+    }
+HIQ2_E8_FOREACH(HIQ2_E8_DEFINE_FNS)
+#undef HIQ2_E8_DEFINE_FNS
 
 // ---- per-type wrappers and the function table ---------------------------------
 #define HIQ2_DEFINE_FNS(H) \
@@ -372,9 +412,13 @@ HIQ2_FOREACH(HIQ2_DEFINE_FNS)
 #define HIQ2_TABLE_ROW(H) \
     { GGML_TYPE_HIQ2_H##H, H, HIQ2_TYPE_SIZE(H), "hiq2_h" #H, \
       dequantize_row_hiq2_h##H, quantize_row_hiq2_h##H##_ref, quantize_hiq2_h##H, validate_row_data_hiq2_h##H },
+#define HIQ2_E8_TABLE_ROW(sfx, SFX, B, A) \
+    { GGML_TYPE_HIQ2_##SFX, -1, HIQ2_E8_TYPE_SIZE(B), "hiq2_" #sfx, \
+      dequantize_row_hiq2_##sfx, quantize_row_hiq2_##sfx##_ref, quantize_hiq2_##sfx, validate_row_data_hiq2_##sfx },
+// indexed by type id - HIQ2_FIRST_TYPE: the E8 members' ids follow the H family's
 const struct ggml_hiq2_type_fns ggml_hiq2_types[HIQ2_NTYPES_ALL] = {
     HIQ2_FOREACH(HIQ2_TABLE_ROW)
-    { GGML_TYPE_HIQ2_E8, -1, HIQ2_E8_TYPE_SIZE, "hiq2_e8",
-      dequantize_row_hiq2_e8, quantize_row_hiq2_e8_ref, quantize_hiq2_e8, validate_row_data_hiq2_e8 },
+    HIQ2_E8_FOREACH(HIQ2_E8_TABLE_ROW)
 };
 #undef HIQ2_TABLE_ROW
+#undef HIQ2_E8_TABLE_ROW

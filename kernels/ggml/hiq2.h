@@ -3,9 +3,11 @@
 // One generic implementation parameterised by H (number of 4-bit "high"
 // channel groups per 64-weight block); every family member is one row of
 // HIQ2_FOREACH below and one row of the function table in hiq2.c. The lattice
-// member HIQ2_E8 (id 109, its own block layout) is one more row of that table
-// and of the type-traits rows below; it is not in HIQ2_FOREACH, which lists the
-// H family only (and is what the CUDA kernels, kernels/cuda, implement).
+// members HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K (ids 109..111, their own block layout)
+// are likewise one generic implementation parameterised by the index bits, one
+// row each of HIQ2_E8_FOREACH, of that table and of the type-traits rows below;
+// they are not in HIQ2_FOREACH, which lists the H family only (and is what the
+// CUDA kernels, kernels/cuda, implement).
 //
 // This header is copied into ggml/src/ by kernels/ggml/patch.py and included
 // by ggml.c, ggml-quants.c, ggml-cpu/ggml-cpu.c, ggml-cpu/ops.cpp.
@@ -30,11 +32,18 @@ extern "C" {
 #define HIQ2_FIRST_TYPE   100                       // ggml type id of HIQ2_H0
 #define HIQ2_NTYPES       9                         // H = 0..8
 #define HIQ2_E8_TYPE      (HIQ2_FIRST_TYPE + HIQ2_NTYPES)  // ggml type id of HIQ2_E8: 109
-#define HIQ2_NTYPES_ALL   (HIQ2_NTYPES + 1)         // every type of ours: the H family and HIQ2_E8
+#define HIQ2_E8_NTYPES    3                         // HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K
+#define HIQ2_NTYPES_ALL   (HIQ2_NTYPES + HIQ2_E8_NTYPES)  // every type of ours: the H family and the E8 members
 
 // The family: X(H) for every member. Adding/removing a member = edit this list
 // (and patch.py's list of enum ids, which is generated from the same range).
 #define HIQ2_FOREACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
+
+// The lattice members: X(suffix, SUFFIX, B, A) with B index bits per group (a 2^B-entry
+// codebook; ggml id HIQ2_E8_TYPE_ID(B), HIQ2_E8_TYPE_SIZE(B) bytes per block) and A the
+// magnitude the reference quantizer maps a sub-block's max |x| to (the codebook's
+// largest magnitude less one). Adding a member = one row here (and in patch.py).
+#define HIQ2_E8_FOREACH(X) X(e8, E8, 9, 4) X(e8_2k, E8_2K, 11, 6) X(e8_8k, E8_8K, 13, 8)
 
 // Generic block layout; the per-H block is a prefix of this struct
 // (qh holds 2H meaningful bytes). Byte offsets: d 0, z 2, mask 3, ql 4, qh 20.
@@ -141,47 +150,71 @@ static inline float ggml_hiq2_decode_block(int H, const uint8_t * blk, int16_t *
     return d;
 }
 
-// ---- HIQ2_E8 (docs/FORMAT.md, "HIQ2_E8") -------------------------------------
-// Block of 64 weights, 20 bytes: fp16 d (bytes 0..1), four 4-bit sub-scales q_k - 1
-// (bytes 2..3, sub-block k = weights 16k..16k+15 in byte 2 + k/2, bits 4 (k%2)..),
-// 8 little-endian u16 codes (bytes 4 + 2g): bits 0..8 index into the codebook,
-// bits 9..15 the signs of weights 0..6 of group g; weight 7's sign makes
-// parity(e) + #negative even. w_i = d * n_i / 16, n_i = q_k * (+-m_i), |n_i| <= 80.
-#define HIQ2_E8_TYPE_SIZE  20
-#define HIQ2_E8_ENTRIES    512                      // codebook entries (9-bit index)
+// ---- HIQ2_E8* (docs/FORMAT.md, "HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K") -------------
+// Block of 64 weights, 20 + (B - 9) bytes: fp16 d (bytes 0..1), four 4-bit sub-scales
+// q_k - 1 (bytes 2..3, sub-block k = weights 16k..16k+15 in byte 2 + k/2, bits 4 (k%2)..),
+// 8 little-endian u16 codes (bytes 4 + 2g): bits 0..8 the low 9 bits of the index e
+// into the codebook, bits 9..15 the signs of weights 0..6 of group g; then B - 9 bytes
+// (none for HIQ2_E8) whose little-endian integer holds group g's upper index bits at
+// bits (B-9) g ..; weight 7's sign makes parity(e) + #negative even.
+// w_i = d * n_i / 16, n_i = q_k * (+-m_i), |n_i| <= 16 * 9 = 144.
+#define HIQ2_E8_BASE_BYTES 20                       // the block without the extension bytes
+#define HIQ2_E8_LOW_BITS   9                        // index bits in a group's u16 code
+#define HIQ2_E8_MAX_BITS   13                       // the largest member's (HIQ2_E8_8K)
+#define HIQ2_E8_MAX_ENTRIES (1 << HIQ2_E8_MAX_BITS) // 8192: the one table all members index
+#define HIQ2_E8_TYPE_SIZE(B) (HIQ2_E8_BASE_BYTES + (B) - HIQ2_E8_LOW_BITS)   // 8 groups x (B - 9) bits
+#define HIQ2_E8_TYPE_ID(B)   (HIQ2_E8_TYPE + ((B) - HIQ2_E8_LOW_BITS) / 2)   // 109, 110, 111
 #define HIQ2_E8_SUB        16                       // weights per sub-scale
 #define HIQ2_E8_NSUB       (QK_HIQ2 / HIQ2_E8_SUB)  // 4 sub-scales per block
 #define HIQ2_E8_CODES      4                        // byte offset of the group codes
-#define HIQ2_E8_REF_AMAX   4                        // the reference quantizer maps a sub-block's max |x| to 4
 
-// The codebook (hiq2-e8grid.h, generated from hiq2gguf.formats.E8_GRID; defined in
-// hiq2.c): entry e's magnitudes m_0..m_7 in bytes 0..7 of ggml_hiq2_e8_grid[e], and
-// its parity (sum_j m_j / 2) mod 2.
-GGML_API const uint64_t ggml_hiq2_e8_grid[HIQ2_E8_ENTRIES];
-GGML_API const uint8_t  ggml_hiq2_e8_parity[HIQ2_E8_ENTRIES];
+// The codebook (hiq2-e8grid.h, generated from hiq2gguf.formats.e8_grid(8192); defined
+// in hiq2.c): entry e's magnitudes m_0..m_7 in bytes 0..7 of ggml_hiq2_e8_grid[e], and
+// its parity (sum_j m_j / 2) mod 2. Each member's codebook is a prefix of it (its
+// first 2^B entries), so one table serves them all.
+GGML_API const uint64_t ggml_hiq2_e8_grid[HIQ2_E8_MAX_ENTRIES];
+GGML_API const uint8_t  ggml_hiq2_e8_parity[HIQ2_E8_MAX_ENTRIES];
 
-// The 8 sign bits of a group (bit j = 1: weight j negative) from its u16 code: the
-// 7 stored ones and the implied one of weight 7 (the lattice rule).
-static inline unsigned ggml_hiq2_e8_signs(unsigned code) {
+// The extension bytes of a block as one integer (0 for HIQ2_E8; at most 32 bits).
+static inline uint32_t ggml_hiq2_e8_ext(int B, const uint8_t * blk) {
+    uint32_t ext = 0;
+    for (int i = 0; i < B - HIQ2_E8_LOW_BITS; ++i) {
+        ext |= (uint32_t) blk[HIQ2_E8_BASE_BYTES + i] << (8 * i);
+    }
+    return ext;
+}
+
+// Group g's codebook index from its u16 code and the block's extension integer.
+static inline unsigned ggml_hiq2_e8_index(int B, unsigned code, uint32_t ext, int g) {
+    const int eb = B - HIQ2_E8_LOW_BITS;
+    const unsigned hi = (unsigned)(ext >> (eb * g)) & ((1u << eb) - 1u);
+    return (code & ((1u << HIQ2_E8_LOW_BITS) - 1u)) | (hi << HIQ2_E8_LOW_BITS);
+}
+
+// The 8 sign bits of a group (bit j = 1: weight j negative) from its u16 code and
+// index: the 7 stored ones and the implied one of weight 7 (the lattice rule).
+static inline unsigned ggml_hiq2_e8_signs(unsigned code, unsigned index) {
     const unsigned s = (code >> 9) & 0x7Fu;
     unsigned n = s;
     n ^= n >> 4; n ^= n >> 2; n ^= n >> 1;           // bit 0: popcount(s) mod 2
-    return s | (((n ^ ggml_hiq2_e8_parity[code & (HIQ2_E8_ENTRIES - 1)]) & 1u) << 7);
+    return s | (((n ^ ggml_hiq2_e8_parity[index]) & 1u) << 7);
 }
 
-// Decode one block into n[i] = q_k * (+-m_i) (in -80..80). Returns d. Every bit
-// pattern decodes (no invalid codes).
-static inline float ggml_hiq2_e8_decode_block(const uint8_t * blk, int8_t * n) {
+// Decode one block of the member with B index bits into n[i] = q_k * (+-m_i) (in
+// -144..144: int16). Returns d. Every bit pattern decodes (no invalid codes).
+static inline float ggml_hiq2_e8_decode_block(int B, const uint8_t * blk, int16_t * n) {
     const float d = ggml_hiq2_fp16_to_fp32(ggml_hiq2_read_u16(blk));
+    const uint32_t ext = ggml_hiq2_e8_ext(B, blk);
     for (int g = 0; g < HIQ2_NGROUPS; ++g) {
         const unsigned code  = ggml_hiq2_read_u16(blk + HIQ2_E8_CODES + 2 * g);
-        const unsigned signs = ggml_hiq2_e8_signs(code);
-        const uint64_t m     = ggml_hiq2_e8_grid[code & (HIQ2_E8_ENTRIES - 1)];
+        const unsigned index = ggml_hiq2_e8_index(B, code, ext, g);
+        const unsigned signs = ggml_hiq2_e8_signs(code, index);
+        const uint64_t m     = ggml_hiq2_e8_grid[index];
         const int      k     = g * HIQ2_GROUP / HIQ2_E8_SUB;
         const int      q     = ((blk[2 + k / 2] >> (4 * (k % 2))) & 15) + 1;
         for (int j = 0; j < HIQ2_GROUP; ++j) {
             const int v = q * (int)((m >> (8 * j)) & 0xFFu);
-            n[g * HIQ2_GROUP + j] = (int8_t)(((signs >> j) & 1u) ? -v : v);
+            n[g * HIQ2_GROUP + j] = (int16_t)(((signs >> j) & 1u) ? -v : v);
         }
     }
     return d;
@@ -195,10 +228,13 @@ static inline float ggml_hiq2_e8_decode_block(const uint8_t * blk, int8_t * n) {
     GGML_API bool   validate_row_data_hiq2_h##H(const void * data, size_t nbytes);
 HIQ2_FOREACH(HIQ2_DECLARE_FNS)
 #undef HIQ2_DECLARE_FNS
-GGML_API void   dequantize_row_hiq2_e8(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
-GGML_API void   quantize_row_hiq2_e8_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
-GGML_API size_t quantize_hiq2_e8(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
-GGML_API bool   validate_row_data_hiq2_e8(const void * data, size_t nbytes);
+#define HIQ2_E8_DECLARE_FNS(sfx, SFX, B, A) \
+    GGML_API void   dequantize_row_hiq2_##sfx(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k); \
+    GGML_API void   quantize_row_hiq2_##sfx##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
+    GGML_API size_t quantize_hiq2_##sfx(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix); \
+    GGML_API bool   validate_row_data_hiq2_##sfx(const void * data, size_t nbytes);
+HIQ2_E8_FOREACH(HIQ2_E8_DECLARE_FNS)
+#undef HIQ2_E8_DECLARE_FNS
 
 // ---- generic entry points (H given at run time) ------------------------------
 GGML_API void   ggml_hiq2_dequantize_row(int H, const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
@@ -211,7 +247,7 @@ static inline int ggml_hiq2_n_high(enum ggml_type type) {
     const int t = (int) type - HIQ2_FIRST_TYPE;
     return (t >= 0 && t < HIQ2_NTYPES) ? t : -1;
 }
-// any type of ours (the H family or HIQ2_E8)
+// any type of ours (the H family or an E8 member)
 static inline bool ggml_is_hiq2_type(enum ggml_type type) {
     return (int) type >= HIQ2_FIRST_TYPE && (int) type < HIQ2_FIRST_TYPE + HIQ2_NTYPES_ALL;
 }
@@ -233,16 +269,19 @@ static inline bool ggml_is_hiq2_type(enum ggml_type type) {
     void ggml_vec_dot_hiq2_h##H##_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 HIQ2_FOREACH(HIQ2_DECLARE_CPU_FNS)
 #undef HIQ2_DECLARE_CPU_FNS
-// HIQ2_E8: one dot product per call (nrc == 1; its CPU traits row says nrows = 1)
-void quantize_row_hiq2_e8(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k);
-void ggml_vec_dot_hiq2_e8_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+// HIQ2_E8*: one dot product per call (nrc == 1; their CPU traits rows say nrows = 1)
+#define HIQ2_E8_DECLARE_CPU_FNS(sfx, SFX, B, A) \
+    void quantize_row_hiq2_##sfx(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
+    void ggml_vec_dot_hiq2_##sfx##_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
+HIQ2_E8_FOREACH(HIQ2_E8_DECLARE_CPU_FNS)
+#undef HIQ2_E8_DECLARE_CPU_FNS
 // GEMM for ggml-cpu's llamafile_sgemm hook (patch.py), called by each of the nth
 // threads: C[j*ldc + i] = A row i . B row j for i < m, j < n; A: HIQ2 type Atype,
 // k blocks per row, row stride lda blocks; B: Q8_0, row stride ldb blocks; C: float,
 // column stride ldc. tp: the compute threadpool (work handed out dynamically; every
 // one of the nth threads must call, there are barriers), or NULL: thread ith does a
 // static share and nothing is synchronised. Returns false (nothing done) where this
-// build has no GEMM kernel, and for HIQ2_E8 (no GEMM: ggml's vec_dot loop runs it).
+// build has no GEMM kernel, and for the E8 members (no GEMM: ggml's vec_dot loop runs them).
 struct ggml_threadpool;
 bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, int64_t n, int64_t k, const void * A, int64_t lda,
                      const void * B, int64_t ldb, float * C, int64_t ldc, int Atype);
@@ -250,10 +289,10 @@ bool ggml_hiq2_sgemm(struct ggml_threadpool * tp, int ith, int nth, int64_t m, i
 void ggml_vec_dot_hiq2_q8_0(int H, int n, float * GGML_RESTRICT s, const void * GGML_RESTRICT vx, const void * GGML_RESTRICT vy);
 
 // One row of function pointers per type of ours (defined in hiq2.c), indexed by
-// type id - HIQ2_FIRST_TYPE: the H family, then HIQ2_E8.
+// type id - HIQ2_FIRST_TYPE: the H family, then the E8 members.
 struct ggml_hiq2_type_fns {
     enum ggml_type type;
-    int            n_high;       // H; -1 for HIQ2_E8
+    int            n_high;       // H; -1 for the E8 members
     size_t         type_size;
     const char   * name;
     void   (*to_float)(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
@@ -279,16 +318,16 @@ static inline const struct ggml_hiq2_type_fns * ggml_hiq2_fns(enum ggml_type typ
         .to_float       = (ggml_to_float_t) dequantize_row_hiq2_h##H, \
         .from_float_ref = (ggml_from_float_t) quantize_row_hiq2_h##H##_ref, \
     },
-#define GGML_HIQ2_E8_TYPE_TRAITS_ROW \
-    [GGML_TYPE_HIQ2_E8] = { \
-        .type_name      = "hiq2_e8", \
+#define GGML_HIQ2_E8_TYPE_TRAITS_ROW(sfx, SFX, B, A) \
+    [GGML_TYPE_HIQ2_##SFX] = { \
+        .type_name      = "hiq2_" #sfx, \
         .blck_size      = QK_HIQ2, \
-        .type_size      = HIQ2_E8_TYPE_SIZE, \
+        .type_size      = HIQ2_E8_TYPE_SIZE(B), \
         .is_quantized   = true, \
-        .to_float       = (ggml_to_float_t) dequantize_row_hiq2_e8, \
-        .from_float_ref = (ggml_from_float_t) quantize_row_hiq2_e8_ref, \
+        .to_float       = (ggml_to_float_t) dequantize_row_hiq2_##sfx, \
+        .from_float_ref = (ggml_from_float_t) quantize_row_hiq2_##sfx##_ref, \
     },
-#define GGML_HIQ2_TYPE_TRAITS_ROWS HIQ2_FOREACH(GGML_HIQ2_TYPE_TRAITS_ROW) GGML_HIQ2_E8_TYPE_TRAITS_ROW
+#define GGML_HIQ2_TYPE_TRAITS_ROWS HIQ2_FOREACH(GGML_HIQ2_TYPE_TRAITS_ROW) HIQ2_E8_FOREACH(GGML_HIQ2_E8_TYPE_TRAITS_ROW)
 
 // ggml-cpu/ggml-cpu.c: type_traits_cpu[] rows
 #define GGML_HIQ2_TYPE_TRAITS_CPU_ROW(H) \
@@ -298,22 +337,23 @@ static inline const struct ggml_hiq2_type_fns * ggml_hiq2_fns(enum ggml_type typ
         .vec_dot_type = GGML_TYPE_Q8_0, \
         .nrows        = HIQ2_VEC_DOT_NROWS, \
     },
-#define GGML_HIQ2_E8_TYPE_TRAITS_CPU_ROW \
-    [GGML_TYPE_HIQ2_E8] = { \
-        .from_float   = quantize_row_hiq2_e8, \
-        .vec_dot      = ggml_vec_dot_hiq2_e8_q8_0, \
+#define GGML_HIQ2_E8_TYPE_TRAITS_CPU_ROW(sfx, SFX, B, A) \
+    [GGML_TYPE_HIQ2_##SFX] = { \
+        .from_float   = quantize_row_hiq2_##sfx, \
+        .vec_dot      = ggml_vec_dot_hiq2_##sfx##_q8_0, \
         .vec_dot_type = GGML_TYPE_Q8_0, \
         .nrows        = 1, \
     },
-#define GGML_HIQ2_TYPE_TRAITS_CPU_ROWS HIQ2_FOREACH(GGML_HIQ2_TYPE_TRAITS_CPU_ROW) GGML_HIQ2_E8_TYPE_TRAITS_CPU_ROW
+#define GGML_HIQ2_TYPE_TRAITS_CPU_ROWS HIQ2_FOREACH(GGML_HIQ2_TYPE_TRAITS_CPU_ROW) HIQ2_E8_FOREACH(GGML_HIQ2_E8_TYPE_TRAITS_CPU_ROW)
 
 // switch cases. GGML_HIQ2_CASES: the H family (ggml-cuda.cu and mmvq.cu use it: the
-// CUDA kernels implement these only, so the CUDA backend reports HIQ2_E8 unsupported
-// and the scheduler runs it on the CPU). GGML_HIQ2_ALL_CASES: every type of ours
+// CUDA kernels implement these only, so the CUDA backend reports the E8 members
+// unsupported and the scheduler runs them on the CPU). GGML_HIQ2_ALL_CASES: every type of ours
 // (ggml.c, ggml-quants.c, ggml-cpu/ops.cpp).
 #define GGML_HIQ2_CASE(H) case GGML_TYPE_HIQ2_H##H:
 #define GGML_HIQ2_CASES HIQ2_FOREACH(GGML_HIQ2_CASE)
-#define GGML_HIQ2_ALL_CASES GGML_HIQ2_CASES case GGML_TYPE_HIQ2_E8:
+#define GGML_HIQ2_E8_CASE(sfx, SFX, B, A) case GGML_TYPE_HIQ2_##SFX:
+#define GGML_HIQ2_ALL_CASES GGML_HIQ2_CASES HIQ2_E8_FOREACH(GGML_HIQ2_E8_CASE)
 
 #ifdef __cplusplus
 }

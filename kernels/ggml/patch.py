@@ -23,12 +23,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# ggml type ids of the family: HIQ2_H<H> = FIRST_ID + H, then the lattice member
-# HIQ2_E8 (see docs/FORMAT.md). N_HIGH is the H family only (the CUDA patch's list).
+# ggml type ids of the family: HIQ2_H<H> = FIRST_ID + H, then the lattice members
+# HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K (see docs/FORMAT.md). N_HIGH is the H family only
+# (the CUDA patch's list).
 FIRST_ID = 100
 N_HIGH = range(0, 9)
 E8_ID = FIRST_ID + len(N_HIGH)                # 109
-TYPE_COUNT = E8_ID + 1                        # 110
+# the lattice members as (enum suffix, index bits); hiq2.h's HIQ2_E8_FOREACH has the same rows
+E8_MEMBERS = [("E8", 9), ("E8_2K", 11), ("E8_8K", 13)]
+E8_IDS = {name: E8_ID + (bits - 9) // 2 for name, bits in E8_MEMBERS}   # 109, 110, 111
+TYPE_COUNT = max(E8_IDS.values()) + 1         # 112
+LAST_TYPE = f"GGML_TYPE_HIQ2_{E8_MEMBERS[-1][0]}"
 
 MARK = "hiq2gguf"                             # appears in every inserted line/block
 
@@ -55,12 +60,15 @@ class Edit:
 def _enum_lines() -> str:
     return "".join(
         f"        GGML_TYPE_HIQ2_H{h} = {FIRST_ID + h}, // {MARK}: {64} weights, {20 + 2 * h} bytes\n"
-        for h in N_HIGH) + f"        GGML_TYPE_HIQ2_E8 = {E8_ID}, // {MARK}: 64 weights, 20 bytes\n"
+        for h in N_HIGH) + "".join(
+        f"        GGML_TYPE_HIQ2_{name} = {E8_IDS[name]}, // {MARK}: 64 weights, {20 + bits - 9} bytes\n"
+        for name, bits in E8_MEMBERS)
 
 
 # every type of ours (the CPU backend and ggml-base run them all)
 HIQ2_CASES = f"        GGML_HIQ2_ALL_CASES // {MARK}\n"
-HIQ2_TYPE_LIST = ("    " + ", ".join([f"GGML_TYPE_HIQ2_H{h}" for h in N_HIGH] + ["GGML_TYPE_HIQ2_E8"])
+HIQ2_TYPE_LIST = ("    " + ", ".join([f"GGML_TYPE_HIQ2_H{h}" for h in N_HIGH]
+                                      + [f"GGML_TYPE_HIQ2_{name}" for name, _ in E8_MEMBERS])
                   + f", // {MARK}\n")
 
 EDITS: dict[str, list[Edit]] = {
@@ -113,8 +121,8 @@ EDITS: dict[str, list[Edit]] = {
              "};\n"),
     ],
     # HIQ2 x Q8_0 matrix products (prompt processing and token generation) go to the
-    # HIQ2 GEMM when the build has one; ggml's vec_dot loop otherwise (and for HIQ2_E8,
-    # which has no GEMM: ggml_hiq2_sgemm declines it)
+    # HIQ2 GEMM when the build has one; ggml's vec_dot loop otherwise (and for the E8
+    # members, which have no GEMM: ggml_hiq2_sgemm declines them)
     "ggml/src/ggml-cpu/llamafile/sgemm.cpp": [
         Edit('#include "ggml-quants.h"\n', f'#include "ggml-quants.h"\n#include "hiq2.h" // {MARK}\n'),
         Edit("    // only enable sgemm for prompt processing\n#if !defined(__MMA__)\n    if (n < 2)\n",
@@ -138,10 +146,10 @@ EDITS: dict[str, list[Edit]] = {
     "tests/test-quantize-fns.cpp": [
         Edit("                type == GGML_TYPE_Q2_0    ? MAX_QUANTIZATION_TOTAL_ERROR_TERNARY :\n",
              "                type == GGML_TYPE_Q2_0    ? MAX_QUANTIZATION_TOTAL_ERROR_TERNARY :\n"
-             f"                (type >= GGML_TYPE_HIQ2_H0 && type <= GGML_TYPE_HIQ2_E8) ? MAX_QUANTIZATION_TOTAL_ERROR_TERNARY : // {MARK}\n"),
+             f"                (type >= GGML_TYPE_HIQ2_H0 && type <= {LAST_TYPE}) ? MAX_QUANTIZATION_TOTAL_ERROR_TERNARY : // {MARK}\n"),
         Edit("                : type == GGML_TYPE_TQ1_0 || type == GGML_TYPE_TQ2_0 || type == GGML_TYPE_Q2_0\n",
              "                : type == GGML_TYPE_TQ1_0 || type == GGML_TYPE_TQ2_0 || type == GGML_TYPE_Q2_0\n"
-             f"                    || (type >= GGML_TYPE_HIQ2_H0 && type <= GGML_TYPE_HIQ2_E8) // {MARK}\n"),
+             f"                    || (type >= GGML_TYPE_HIQ2_H0 && type <= {LAST_TYPE}) // {MARK}\n"),
     ],
     # llama.cpp's op tests: our types join the type lists its quantized-type cases
     # loop over (get_rows, set_rows, cpy, mul_mat, mul_mat_id, out_prod, ...)

@@ -4,13 +4,13 @@
 // feeds it random blocks and Q8_0 activations and compares what it prints with the
 // numpy reference.
 //
-// stdin:  int32 type (ggml id: 100 + H, or 109 for HIQ2_E8), K, rows, cols, then
+// stdin:  int32 type (ggml id: 100 + H, or 109..111 for the E8 members), K, rows, cols, then
 //         rows x K/64 blocks of that type (W, row-major), then cols x K/32 Q8_0 blocks
 //         (Y, one row per activation column)
 // stdout: float32, in this order:
 //         dequantize(W)                       rows x K
 //         vec_dot, one call per (r, c)        cols x rows (column c of Y: c * rows + r)
-//         and for the H family only (HIQ2_E8 has no 2 x 2 tile and no GEMM; the
+//         and for the H family only (the E8 members have no 2 x 2 tile and no GEMM; the
 //         program checks that ggml_hiq2_sgemm declines it):
 //         vec_dot nrc == 2 tiles              the same layout, 2 x 2 per call (NaN in an odd last row/column)
 //         ggml_hiq2_sgemm, nth = 1, 2, 3      cols x rows each, every thread's static share
@@ -30,7 +30,8 @@ int  ggml_threadpool_chunk_add(struct ggml_threadpool * tp, int value) { (void) 
 typedef void (*vec_dot_fn)(int, float *, size_t, const void *, size_t, const void *, size_t, int);
 #define HIQ2_VEC_DOT_ROW(H) ggml_vec_dot_hiq2_h##H##_q8_0,
 // indexed by type id - HIQ2_FIRST_TYPE, like ggml_hiq2_types
-static const vec_dot_fn vec_dot[HIQ2_NTYPES_ALL] = { HIQ2_FOREACH(HIQ2_VEC_DOT_ROW) ggml_vec_dot_hiq2_e8_q8_0 };
+#define HIQ2_E8_VEC_DOT_ROW(sfx, SFX, B, A) ggml_vec_dot_hiq2_##sfx##_q8_0,
+static const vec_dot_fn vec_dot[HIQ2_NTYPES_ALL] = { HIQ2_FOREACH(HIQ2_VEC_DOT_ROW) HIQ2_E8_FOREACH(HIQ2_E8_VEC_DOT_ROW) };
 
 #define Q8_0_BYTES 34
 
@@ -82,14 +83,14 @@ int main(void) {
     }
     write_all(out, nout);
 
-    if (fns->n_high < 0) {                      // HIQ2_E8: the GEMM hook must decline
+    if (fns->n_high < 0) {                      // an E8 member: the GEMM hook must decline
         const int taken = ggml_hiq2_sgemm(NULL, 0, 1, rows, cols, K / QK_HIQ2, W, (int64_t)(wrow / fns->type_size),
                                           Y, (int64_t)(yrow / Q8_0_BYTES), out, rows, type);
         free(W);
         free(Y);
         free(out);
         if (taken) {
-            fprintf(stderr, "hiq2_cpu_check: ggml_hiq2_sgemm took HIQ2_E8\n");
+            fprintf(stderr, "hiq2_cpu_check: ggml_hiq2_sgemm took %s\n", fns->name);
             return 4;
         }
         return 0;
