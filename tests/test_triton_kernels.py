@@ -18,13 +18,14 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from hiq2gguf import evaluate, quantize  # noqa: E402
-from hiq2gguf.formats import (ALL_TYPES, E8, E8_GRID, E8_PARITY, FIRST_TYPE_ID, N_GROUPS,  # noqa: E402
-                              FormatError, HIQ2Type, get_type)
+from hiq2gguf.formats import (ALL_TYPES, E8, E8_2K, E8_8K, E8_BASE_BYTES, E8_LOW_BITS,  # noqa: E402
+                              E8_TYPES, FIRST_TYPE_ID, N_GROUPS, E8Type, FormatError, HIQ2Type,
+                              e8_grid, e8_parity, get_type)
 from hiq2gguf.writer import PackedTensor  # noqa: E402
 from kernels.triton import dequantize, gemm, gemv, matmul  # noqa: E402
 from kernels.triton.hiq2 import e8_table  # noqa: E402
 
-TYPES = list(ALL_TYPES.values())          # HIQ2_H0..H8 and HIQ2_E8
+TYPES = list(ALL_TYPES.values())          # HIQ2_H0..H8 and HIQ2_E8, _2K, _8K
 U32 = 2.0 ** -24
 
 
@@ -36,8 +37,9 @@ def random_raw(t, rows: int, n_blocks: int, seed: int) -> np.ndarray:
     """Valid bytes of type ``t`` with every field random and finite fp16 scales of
     every magnitude (zero, subnormal, normal up to 65504; signed, which the formula
     allows). H members: any code bits, a random mask of popcount H, any zero point.
-    HIQ2_E8: every bit pattern of sub-scales and codes is valid; the last block is
-    the largest integer everywhere (q = 16, magnitude 5, negative)."""
+    HIQ2_E8*: every bit pattern of sub-scales, codes and ext bytes is valid; the last
+    block reaches the largest |integer| (q = 16 and in every group the first entry with
+    the codebook's largest magnitude, 5, 7, 9; every stored sign negative)."""
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows, n_blocks, t.type_size), dtype=np.uint8)
     bits = rng.integers(0, 1 << 16, size=(rows, n_blocks), dtype=np.uint32).astype(np.uint16)
@@ -49,11 +51,12 @@ def random_raw(t, rows: int, n_blocks: int, seed: int) -> np.ndarray:
     if d.size > 2:
         d.flat[2] = np.float16(65504)                           # largest finite
     blocks[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(rows, n_blocks, 2)
-    if t == E8:
-        e = int(np.flatnonzero(E8_GRID.max(1) == 5)[0])
+    if isinstance(t, E8Type):
+        e = int(np.flatnonzero(t.grid.max(1) == t.grid.max())[0])
         blocks[-1, -1, 2:4] = 0xFF
-        code = e | (0x7F << 9)                       # weight 7 by the rule: negative unless parity odd
-        blocks[-1, -1, 4:] = np.array([code] * N_GROUPS, dtype="<u2").view(np.uint8)
+        code = (e & 511) | (0x7F << 9)               # weight 7 by the rule: negative unless parity odd
+        blocks[-1, -1, 4:E8_BASE_BYTES] = np.array([code] * N_GROUPS, dtype="<u2").view(np.uint8)
+        set_ext(blocks[-1, -1], t, range(N_GROUPS), e >> E8_LOW_BITS)
         return blocks.reshape(rows, n_blocks * t.type_size)
     masks = np.zeros((rows, n_blocks), dtype=np.uint8)
     for idx in np.ndindex(rows, n_blocks):
@@ -64,6 +67,22 @@ def random_raw(t, rows: int, n_blocks: int, seed: int) -> np.ndarray:
     if n_blocks > 1:
         blocks[0, 1, 2] = 0
     return blocks.reshape(rows, n_blocks * t.type_size)
+
+
+def ext_int(block: np.ndarray, t: E8Type) -> int:
+    """The little-endian integer of a block's ext bytes (FORMAT.md)."""
+    return int.from_bytes(block[E8_BASE_BYTES:t.type_size].tobytes(), "little")
+
+
+def set_ext(block: np.ndarray, t: E8Type, groups, upper: int) -> None:
+    """Store ``upper`` as the index bits above the 9th of ``groups`` of one block."""
+    if not t.ext_bits:
+        return
+    v = ext_int(block, t)
+    for g in groups:
+        v = v & ~(((1 << t.ext_bits) - 1) << (t.ext_bits * g)) | upper << (t.ext_bits * g)
+    block[E8_BASE_BYTES:t.type_size] = np.frombuffer(v.to_bytes(t.type_size - E8_BASE_BYTES, "little"),
+                                                     np.uint8)
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -126,45 +145,56 @@ def test_dequantize_reads_every_field():
 
 
 def test_e8_table_is_the_codebook():
-    """The kernels' packed table decodes to formats.E8_GRID and E8_PARITY."""
+    """The kernels' packed table decodes to formats' 8192-entry codebook and its
+    parities, and every member's codebook is a prefix of it (one table serves all)."""
     table = e8_table().astype(np.int64)
-    grid = 2 * ((table[:, None] >> (2 * np.arange(8))) & 3) + 1
-    assert np.array_equal(grid, E8_GRID)
-    assert np.array_equal((table >> 16) & 1, E8_PARITY)
-    assert not (table >> 17).any()
+    grid = 2 * ((table[:, None] >> (3 * np.arange(8))) & 7) + 1
+    assert np.array_equal(grid, e8_grid(8192))
+    assert np.array_equal((table >> 24) & 1, e8_parity(e8_grid(8192)))
+    assert not (table >> 25).any()
+    for t in E8_TYPES:
+        assert t.entries <= len(table) and np.array_equal(grid[:t.entries], t.grid)
 
 
-def test_e8_dequantize_reads_every_field():
-    """HIQ2_E8: every bit of d, each sub-scale nibble, index and stored sign bits
-    changes the weights it should (and only those), matching the reference; a
-    stored sign or an index of the other parity also flips weight 7 of the group."""
-    raw = random_raw(E8, 1, 1, seed=7)
+@pytest.mark.parametrize("t", E8_TYPES, ids=lambda t: t.name)
+def test_e8_dequantize_reads_every_field(t):
+    """HIQ2_E8*: every bit of d, each sub-scale nibble, index (low 9 in the code and
+    every ext bit of every group) and stored sign bits changes the weights it should
+    (and only those), matching the reference; a stored sign or an index of the other
+    parity also flips weight 7 of the group. All flips in one launch, one per row."""
+    raw = random_raw(t, 1, 1, seed=7 + t.type_id)
     raw[0, 0:2] = fp16_bytes(0.5)
-    base = dequantize(torch.from_numpy(raw), E8).numpy()[0]
-    assert same_bits(base[None], E8.dequantize(raw))
-    code = raw[0, 4:].view("<u2")
+    grid, parity = t.grid, e8_parity(t.grid)
+    code = raw[0, 4:E8_BASE_BYTES].view("<u2")
+    upper = [(ext_int(raw[0], t) >> (t.ext_bits * g)) & ((1 << t.ext_bits) - 1) for g in range(N_GROUPS)]
+    index = [int(code[g]) & 511 | upper[g] << E8_LOW_BITS for g in range(N_GROUPS)]
 
-    def changed(byte, bit):
-        flipped = raw.copy()
-        flipped[0, byte] ^= bit
-        got = dequantize(torch.from_numpy(flipped), E8).numpy()
-        assert same_bits(got, E8.dequantize(flipped))
-        return set(np.flatnonzero(got[0] != base).tolist())
+    def index_moves(g, bit):                                    # index bit flipped in group g
+        e, other = index[g], index[g] ^ (1 << bit)
+        moved = {8 * g + j for j in range(8) if grid[other, j] != grid[e, j]}
+        return moved | ({8 * g + 7} if parity[other] != parity[e] else set())
 
-    assert changed(1, 1) == set(range(64))                       # d
+    flips = [(1, 1, set(range(64)))]                            # (byte, bit mask, weights moved): d
     for k in range(4):                                          # sub-scale k: weights 16k..16k+15
-        assert changed(2 + k // 2, 1 << (4 * (k % 2))) == set(range(16 * k, 16 * k + 16))
+        flips.append((2 + k // 2, 1 << (4 * (k % 2)), set(range(16 * k, 16 * k + 16))))
     g = 5
     for j in range(7):                                          # stored sign j: weights j and 7
-        assert changed(4 + 2 * g + (9 + j) // 8, 1 << ((9 + j) % 8)) == {8 * g + j, 8 * g + 7}
-    e = int(code[g]) & 511
-    for bit in range(9):                                        # index: the magnitudes (+ sign 7)
-        other = e ^ (1 << bit)
-        got = changed(4 + 2 * g + bit // 8, 1 << (bit % 8))
-        moved = {8 * g + j for j in range(8) if E8_GRID[other, j] != E8_GRID[e, j]}
-        if E8_PARITY[other] != E8_PARITY[e]:
-            moved.add(8 * g + 7)
-        assert got == moved
+        flips.append((4 + 2 * g + (9 + j) // 8, 1 << ((9 + j) % 8), {8 * g + j, 8 * g + 7}))
+    for bit in range(E8_LOW_BITS):                              # low index bits: magnitudes (+ sign 7)
+        flips.append((4 + 2 * g + bit // 8, 1 << (bit % 8), index_moves(g, bit)))
+    for h in range(N_GROUPS):                                   # ext bit k of group h: index bit 9 + k
+        for k in range(t.ext_bits):
+            pos = t.ext_bits * h + k
+            flips.append((E8_BASE_BYTES + pos // 8, 1 << (pos % 8), index_moves(h, E8_LOW_BITS + k)))
+    assert len(flips) == 21 + 8 * t.ext_bits
+
+    rows = np.repeat(raw, len(flips) + 1, axis=0)               # row 0 unchanged
+    for r, (byte, bit, _) in enumerate(flips, 1):
+        rows[r, byte] ^= bit
+    got = dequantize(torch.from_numpy(rows), t).numpy()
+    assert same_bits(got, t.dequantize(rows))
+    for r, (byte, bit, moved) in enumerate(flips, 1):
+        assert moved and set(np.flatnonzero(got[r] != got[0]).tolist()) == moved, (byte, bit)
 
 
 # ---- matmul ---------------------------------------------------------------
@@ -188,7 +218,7 @@ def test_gemm_matches_torch(t):
     assert_dot_close(y, x, t.dequantize(raw))
 
 
-@pytest.mark.parametrize("t", [member(2), E8], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [member(2), E8, E8_8K], ids=lambda t: t.name)
 def test_matmul_batched_shapes_and_both_paths(t):
     raw = t.quantize_ref(np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32))
     w = t.dequantize(raw)
@@ -202,7 +232,7 @@ def test_matmul_batched_shapes_and_both_paths(t):
 
 # gemm with bfloat16 is left out: the interpreter's tl.dot reads bfloat16 operands
 # as raw bits (a bare 16x16 bfloat16 tl.dot is off by ~1e10 there), so only a GPU can test it
-@pytest.mark.parametrize("t", [member(5), E8], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [member(5), E8, E8_8K], ids=lambda t: t.name)
 @pytest.mark.parametrize("kernel,dtype", [("gemv", torch.float16), ("gemm", torch.float16),
                                           ("gemv", torch.bfloat16)])
 def test_half_activations(t, kernel, dtype):
@@ -225,7 +255,7 @@ def test_half_activations(t, kernel, dtype):
     assert torch.all((y.float() - ref).abs() <= ulp * ref.abs() + 2 * 128 * U32 * scale + 1e-6)
 
 
-@pytest.mark.parametrize("t", [member(1), E8], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [member(1), E8, E8_2K], ids=lambda t: t.name)
 def test_bad_input_is_refused_clearly(t):
     raw = torch.from_numpy(t.quantize_ref(np.ones((2, 128), np.float32)))
     with pytest.raises(FormatError, match="whole number"):
@@ -251,11 +281,14 @@ def test_type_is_a_formats_type_object():
             dequantize(raw, bad)
         with pytest.raises(FormatError, match="not an HIQ2 type"):
             matmul(torch.ones(1, 64), raw, bad)
-    # HIQ2_E8 blocks are 20 bytes like HIQ2_H0's: the type, not the size, picks the decode
-    h0 = dequantize(raw[:, :20].contiguous(), member(0)).numpy()
-    e8 = dequantize(raw[:, :20].contiguous(), E8).numpy()
-    assert same_bits(e8, E8.dequantize(raw[:, :20].numpy()))
-    assert not np.array_equal(h0, e8)
+    # HIQ2_E8, _2K, _8K blocks are 20, 22, 24 bytes like HIQ2_H0, H1, H2's: the type,
+    # not the size, picks the decode
+    for h, t in zip(range(3), E8_TYPES):
+        same = random_raw(member(h), 2, 1, seed=h)
+        hw = dequantize(torch.from_numpy(same), member(h)).numpy()
+        ew = dequantize(torch.from_numpy(same), t).numpy()
+        assert same_bits(hw, member(h).dequantize(same)) and same_bits(ew, t.dequantize(same))
+        assert not np.array_equal(hw, ew)
 
 
 # ---- the PyTorch dispatch ---------------------------------------------------
@@ -285,7 +318,7 @@ def triton_on_cpu(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("t", [member(6), E8], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [member(6), E8, E8_2K], ids=lambda t: t.name)
 def test_dequantize_packed_triton_branch(triton_on_cpu, t):
     raw = random_raw(t, 4, 3, seed=11)
     assert same_bits(quantize.dequantize_packed(torch.from_numpy(raw), t).numpy(), t.dequantize(raw))
@@ -305,7 +338,7 @@ def test_packed_model_matches_fake_quantized_model(triton_on_cpu):
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
     packed = {}
-    members = [E8] + [member(h) for h in (0, 1, 3, 5, 7, 8)]    # one per linear
+    members = list(E8_TYPES) + [member(h) for h in (0, 3, 5, 8)]   # one per linear
     for name, p in model.named_parameters():
         if name.endswith("proj.weight"):
             qt = members[len(packed)]

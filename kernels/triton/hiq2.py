@@ -2,8 +2,9 @@
 
 ``raw`` is always a uint8 tensor [rows, row_bytes]: row n holds K/64 blocks
 laid out as docs/FORMAT.md says: ``20 + 2H`` bytes for HIQ2_H{H} (fp16 d, u8 z,
-u8 mask, ql[16], qh[2H]), 20 bytes for HIQ2_E8 (fp16 d, 4 sub-scale nibbles,
-8 u16 lattice codes). The member is the ``qtype`` argument, a type object of
+u8 mask, ql[16], qh[2H]), 20 + (b - 9) bytes for HIQ2_E8 / _2K / _8K (fp16 d,
+4 sub-scale nibbles, 8 u16 lattice codes, then the index bits above the 9th of
+a b-bit codebook index). The member is the ``qtype`` argument, a type object of
 hiq2gguf.formats. Nothing is repacked for the GPU: the same bytes serve llama.cpp
 and these kernels. hiq2gguf/formats.py is the reference they are tested against
 (tests/test_triton_kernels.py, with ``TRITON_INTERPRET=1`` on the CPU).
@@ -22,15 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
-from hiq2gguf.formats import (ALL_TYPES, BLOCK, E8_GRID, E8_PARITY, GROUP, HEADER_BYTES, LOW_STEP,
-                              QL_BYTES, E8Type, FormatError, HIQ2Type)
+from hiq2gguf.formats import (ALL_TYPES, BLOCK, E8_BASE_BYTES, E8_LOW_BITS, E8_TYPES, GROUP, HEADER_BYTES,
+                              LOW_STEP, QL_BYTES, E8Type, FormatError, HIQ2Type, e8_grid, e8_parity)
 
 # jit code only sees globals declared constexpr
 _BLOCK = tl.constexpr(BLOCK)
 _QL = tl.constexpr(HEADER_BYTES)               # ql[16] follows the 4 header bytes
 _QH = tl.constexpr(HEADER_BYTES + QL_BYTES)    # qh[2H] follows ql
 _LOW_STEP = tl.constexpr(LOW_STEP)
-_E8_CODES = tl.constexpr(4)                    # HIQ2_E8: fp16 d, 2 scale bytes, then 8 u16 codes
+_E8_CODES = tl.constexpr(4)                    # HIQ2_E8*: fp16 d, 2 scale bytes, then 8 u16 codes
+_E8_EXT_AT = tl.constexpr(E8_BASE_BYTES)       # _2K, _8K: the upper index bits follow the codes
+_E8_LOW = tl.constexpr(E8_LOW_BITS)            # index bits in a u16 code
+_E8_LOW_MASK = tl.constexpr((1 << E8_LOW_BITS) - 1)
+# the largest codebook; the smaller ones are its prefixes, so one table serves every member
+_E8_TABLE_ENTRIES = max(t.entries for t in E8_TYPES)
 
 # Activation rows below which one program per (row, column tile) beats a tl.dot
 # tile padded to 16 rows. A guess: not tuned on a GPU yet.
@@ -39,16 +45,17 @@ GEMV_MAX_ROWS = 8
 
 @triton.jit
 def _decode(raw, table, blk, i, valid, N_HIGH: tl.constexpr, E8: tl.constexpr,
-            TYPE_SIZE: tl.constexpr):
+            E8_EXT: tl.constexpr, TYPE_SIZE: tl.constexpr):
     """Weights ``i`` (int32 [1, 64]) of the blocks ``blk`` (int64 [R, 1], counted from
     the start of ``raw``) -> float32 [R, 64]; ``valid`` [R, 1] masks blocks past the end.
-    ``E8`` picks HIQ2_E8 (``table``: ``_e8_table``), else HIQ2_H{N_HIGH}."""
+    ``E8`` picks the lattice member with ``E8_EXT`` index bits per group beyond the
+    9th (``table``: ``_e8_table``), else HIQ2_H{N_HIGH}."""
     base = raw + blk * TYPE_SIZE
     d_lo = tl.load(base, mask=valid, other=0).to(tl.uint16)
     d_hi = tl.load(base + 1, mask=valid, other=0).to(tl.uint16)
     d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
     if E8:
-        n = _e8_integers(base, table, i, valid)
+        n = _e8_integers(base, table, i, valid, E8_EXT)
     else:
         n = _h_integers(base, i, valid, N_HIGH)
     # d * n is exact in float32 (11 by at most 8 significant bits) and * 1/16 is a
@@ -81,8 +88,9 @@ def _h_integers(base, i, valid, N_HIGH: tl.constexpr):
 
 
 @triton.jit
-def _e8_integers(base, table, i, valid):
-    """HIQ2_E8: q * (+-m) of weights ``i`` (int32, |.| <= 80)."""
+def _e8_integers(base, table, i, valid, EXT: tl.constexpr):
+    """HIQ2_E8*: q * (+-m) of weights ``i`` (int32, |.| <= 144); ``EXT`` index bits
+    per group beyond the 9 in its code (0, 2, 4)."""
     # sub-scale k = i / 16: nibble k % 2 of byte 2 + k / 2, stored as q - 1
     sb = tl.load(base + 2 + i // 32, mask=valid, other=0).to(tl.int32)
     q = ((sb >> (4 * ((i // 16) % 2))) & 15) + 1
@@ -90,34 +98,41 @@ def _e8_integers(base, table, i, valid):
     c_lo = tl.load(base + _E8_CODES + 2 * g, mask=valid, other=0).to(tl.int32)
     c_hi = tl.load(base + _E8_CODES + 2 * g + 1, mask=valid, other=0).to(tl.int32)
     code = c_lo | (c_hi << 8)
+    e = code & _E8_LOW_MASK
+    if EXT > 0:
+        # group g's upper bits are bits EXT*g.. of the little-endian ext bytes; EXT
+        # divides 8 (_member checks), so they never straddle a byte: one load per weight
+        xb = tl.load(base + _E8_EXT_AT + (EXT * g) // 8, mask=valid, other=0).to(tl.int32)
+        e = e | (((xb >> ((EXT * g) % 8)) & ((1 << EXT) - 1)) << _E8_LOW)
     # one table word per codebook entry: the magnitudes and the parity in one gather
-    entry = tl.load(table + (code & 511), mask=valid, other=0)
+    entry = tl.load(table + e, mask=valid, other=0)
     j = i % 8
-    m = 2 * ((entry >> (2 * j)) & 3) + 1
+    m = 2 * ((entry >> (3 * j)) & 7) + 1
     # weight 7's sign is not stored: the lattice rule makes parity(e) + #negative even,
     # so it is the parity of the 7 stored sign bits xor the entry's parity
     s = (code >> 9) & 127
     p = s ^ (s >> 4)
     p = p ^ (p >> 2)
-    p = (p ^ (p >> 1) ^ (entry >> 16)) & 1
+    p = (p ^ (p >> 1) ^ (entry >> 24)) & 1
     neg = tl.where(j == 7, p, (s >> j) & 1)
     return tl.where(neg != 0, -(q * m), q * m)
 
 
 @triton.jit
 def _dequantize_kernel(raw, table, out, n_blocks, N_HIGH: tl.constexpr, E8: tl.constexpr,
-                       TYPE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                       E8_EXT: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     # every block describes itself, so the tensor is one flat run of blocks
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
     i = tl.arange(0, _BLOCK)[None, :]
     valid = blk < n_blocks
-    w = _decode(raw, table, blk, i, valid, N_HIGH, E8, TYPE_SIZE)
+    w = _decode(raw, table, blk, i, valid, N_HIGH, E8, E8_EXT, TYPE_SIZE)
     tl.store(out + blk * _BLOCK + i, w, mask=valid)
 
 
 @triton.jit
 def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
-                 E8: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+                 E8: tl.constexpr, E8_EXT: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     # program (column tile, activation row): y[m, n:n+BLOCK_N]
     m = tl.program_id(1).to(tl.int64)
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
@@ -126,7 +141,7 @@ def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.conste
     nb = K // _BLOCK
     acc = tl.zeros([BLOCK_N, _BLOCK], dtype=tl.float32)
     for b in range(0, nb):
-        w = _decode(raw, table, n * nb + b, i, valid, N_HIGH, E8, TYPE_SIZE)
+        w = _decode(raw, table, n * nb + b, i, valid, N_HIGH, E8, E8_EXT, TYPE_SIZE)
         xv = tl.load(x + m * stride_xm + b * _BLOCK + i).to(tl.float32)
         acc += w * xv
     out = tl.sum(acc, axis=1)
@@ -136,8 +151,8 @@ def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.conste
 
 @triton.jit
 def _gemm_kernel(x, raw, table, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
-                 E8: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                 E8: tl.constexpr, E8_EXT: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # program (row tile, column tile): y[rm, rn], one 64-weight block of K per step
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,7 +163,7 @@ def _gemm_kernel(x, raw, table, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.con
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(0, nb):
         xt = tl.load(x + rm[:, None] * stride_xm + b * _BLOCK + i[None, :], mask=row_ok, other=0.0)
-        w = _decode(raw, table, rn[:, None] * nb + b, i[None, :], col_ok, N_HIGH, E8, TYPE_SIZE)
+        w = _decode(raw, table, rn[:, None] * nb + b, i[None, :], col_ok, N_HIGH, E8, E8_EXT, TYPE_SIZE)
         acc = tl.dot(xt, tl.trans(w).to(xt.dtype), acc, input_precision=PRECISION)
     out = y + rm[:, None] * stride_ym + rn[None, :]
     tl.store(out, acc.to(y.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
@@ -156,12 +171,14 @@ def _gemm_kernel(x, raw, table, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.con
 
 # ---- launchers ---------------------------------------------------------------
 def e8_table() -> np.ndarray:
-    """The E8 codebook as the kernels read it -> int32 [512]: entry e holds
-    (E8_GRID[e, j] - 1) / 2 in bits 2j, 2j+1 (the magnitudes are odd, at most 7)
-    and E8_PARITY[e] in bit 16, so one load gives a weight both."""
-    half = (E8_GRID.astype(np.int32) - 1) // 2
-    words = (half << (2 * np.arange(GROUP, dtype=np.int32))).sum(1, dtype=np.int32)
-    return (words | (E8_PARITY.astype(np.int32) << 16)).astype(np.int32)
+    """The largest E8 codebook as the kernels read it -> int32 [8192]: entry e holds
+    (m_ej - 1) / 2 in bits 3j .. 3j+2 (the magnitudes are odd, at most 9, so 0..4)
+    and its parity in bit 24, so one load gives a weight both. Every member's
+    codebook is a prefix of it, so every member indexes this one table."""
+    grid = e8_grid(_E8_TABLE_ENTRIES)
+    half = (grid.astype(np.int32) - 1) // 2
+    words = (half << (3 * np.arange(GROUP, dtype=np.int32))).sum(1, dtype=np.int32)
+    return (words | (e8_parity(grid).astype(np.int32) << 24)).astype(np.int32)
 
 
 @functools.cache
@@ -185,9 +202,14 @@ def _member(raw: torch.Tensor, qtype) -> tuple[int, int, torch.Tensor, dict]:
     if not raw.is_contiguous():
         raise FormatError(f"{t.name}: packed bytes must be contiguous")
     e8 = isinstance(t, E8Type)
+    if e8 and (t.entries > _E8_TABLE_ENTRIES or (t.ext_bits and 8 % t.ext_bits)):
+        # the table holds 8192 entries, and the decode reads a group's upper index bits
+        # from one byte (see _e8_integers): a future member outside either is refused
+        raise FormatError(f"{t.name}: the Triton kernels do not decode this codebook size")
     # the H decode never reads the table: any pointer will do
     table = _e8_table(raw.device) if e8 else raw
-    consts = dict(N_HIGH=0 if e8 else t.n_high, E8=e8, TYPE_SIZE=t.type_size)
+    consts = dict(N_HIGH=0 if e8 else t.n_high, E8=e8, E8_EXT=t.ext_bits if e8 else 0,
+                  TYPE_SIZE=t.type_size)
     return raw.shape[0], raw.shape[1] // t.type_size * BLOCK, table, consts
 
 
