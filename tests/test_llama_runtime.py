@@ -1,7 +1,8 @@
 """A tiny random llama, converted to HIQ2 GGUF, run by llama.cpp through llama-cpp-python
 on the patched runtime: its logits match the PyTorch model holding the file's weights.
-The same file with every linear weight re-quantized to HIQ2_E8 (formats.E8.quantize_ref)
-must run and match too (llama.cpp runs E8 through ggml's vec_dot loop)."""
+The same file with every linear weight re-quantized to each E8 member (HIQ2_E8, _2K, _8K:
+their reference quantizer) must run and match too (llama.cpp runs them through ggml's vec_dot
+loop)."""
 
 import numpy as np
 import pytest
@@ -26,9 +27,28 @@ def tiny_gguf(tiny_llama_dir, runtime_lib, tmp_path_factory):
     return out
 
 
-def _requantize_gguf(src, dst, qtype) -> int:
+def _ggml_quantize_ref(qtype, x: np.ndarray) -> np.ndarray:
+    """qtype's reference quantization by the runtime's ggml (ggml_quantize_chunk), byte-identical
+    to qtype.quantize_ref (tests/test_c_kernels.py) and fast where numpy's is not: numpy
+    searches HIQ2_E8_8K's 8192 entries per group in minutes for this model."""
+    import ctypes as C
+
+    from hiq2gguf import runtime
+
+    base = C.CDLL(str(runtime.lib_dir() / "libggml-base.so"))
+    base.ggml_quantize_chunk.restype = C.c_size_t
+    base.ggml_quantize_chunk.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.c_int64, C.c_int64, C.c_int64, C.c_void_p]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((x.shape[0], qtype.row_bytes(x.shape[1])), dtype=np.uint8)
+    assert base.ggml_quantize_chunk(qtype.type_id, x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+                                    None) == out.size
+    return out
+
+
+def _requantize_gguf(src, dst, qtype, quantize=None) -> int:
     """Copy the GGUF ``src`` to ``dst`` with every tensor of ours re-quantized to ``qtype``
-    by its reference quantizer (from the numpy-dequantized weights); -> tensors changed."""
+    by its reference quantizer (``quantize(x)``, default ``qtype.quantize_ref``; from the
+    numpy-dequantized weights); -> tensors changed."""
     import gguf
 
     from hiq2gguf.formats import get_type, is_hiq2, register_with_gguf
@@ -46,7 +66,8 @@ def _requantize_gguf(src, dst, qtype) -> int:
         raw = np.asarray(t.data)
         if is_hiq2(t.tensor_type):
             weights = get_type(int(t.tensor_type)).dequantize(raw.reshape(int(t.shape[1]), -1))
-            raw, dtype = qtype.quantize_ref(weights), gguf.GGMLQuantizationType(qtype.type_id)
+            raw = (quantize or qtype.quantize_ref)(weights)
+            dtype = gguf.GGMLQuantizationType(qtype.type_id)
             n += 1
         else:
             raw, dtype = np.array(raw), t.tensor_type
@@ -58,26 +79,41 @@ def _requantize_gguf(src, dst, qtype) -> int:
     return n
 
 
+E8_NAMES = ["HIQ2_E8", "HIQ2_E8_2K", "HIQ2_E8_8K"]
+
+
 @pytest.fixture(scope="module")
-def tiny_e8_gguf(tiny_gguf, tmp_path_factory):
-    from hiq2gguf.formats import E8
+def tiny_e8_ggufs(tiny_gguf, tmp_path_factory):
+    """member name -> the tiny model re-quantized to it (made on first use). HIQ2_E8 by numpy's
+    quantize_ref; the larger members by ggml's (byte-identical, and fast)."""
+    from hiq2gguf.formats import E8, get_type
 
-    out = tmp_path_factory.mktemp("tiny-e8") / "tiny-e8.gguf"
-    assert _requantize_gguf(tiny_gguf, out, E8) == 7 * 2
-    return out
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            qtype = get_type(name)
+            out = tmp_path_factory.mktemp(f"tiny-{name.lower()}") / f"tiny-{name.lower()}.gguf"
+            quantize = None if qtype == E8 else (lambda x: _ggml_quantize_ref(qtype, x))
+            assert _requantize_gguf(tiny_gguf, out, qtype, quantize) == 7 * 2
+            made[name] = out
+        return made[name]
+
+    return get
 
 
-@pytest.fixture(params=["tiny_gguf", "tiny_e8_gguf"])
-def any_gguf(request):
-    return request.getfixturevalue(request.param)
+@pytest.fixture(params=["tiny_gguf", *E8_NAMES])
+def any_gguf(request, tiny_gguf, tiny_e8_ggufs):
+    return tiny_gguf if request.param == "tiny_gguf" else tiny_e8_ggufs(request.param)
 
 
-def test_e8_file_holds_e8_weights(tiny_e8_gguf):
-    from hiq2gguf.formats import E8
+@pytest.mark.parametrize("name", E8_NAMES)
+def test_e8_file_holds_e8_weights(tiny_e8_ggufs, name):
+    from hiq2gguf.formats import get_type
     from hiq2gguf.gguf_io import open_reader
 
-    types = [int(t.tensor_type) for t in open_reader(tiny_e8_gguf).tensors]
-    assert types.count(E8.type_id) == 7 * 2
+    types = [int(t.tensor_type) for t in open_reader(tiny_e8_ggufs(name)).tensors]
+    assert types.count(get_type(name).type_id) == 7 * 2
 
 
 def test_logits_match_torch(tiny_llama_dir, any_gguf, smollm_tokenizer):
