@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--estimator", choices=["gradient", "loss"], default="gradient",
                    help="sensitivity matrix M: gradient projection (default, cheap) or the "
                         "paper's loss differences (thousands of forward passes)")
-    c.add_argument("--ratios", help="candidate members for the optimizer, e.g. H0,H2,H4 or "
+    c.add_argument("--ratios", help="candidate members for the optimizer, e.g. E8,E8_8K,H0,H2,H4 or "
                                     "0,0.25,0.5 (default: every member within 1 bpw of --bpw)")
     c.add_argument("--solver", choices=["auto", "linearized", "outer"], default="auto",
                    help="exact MILP with linearized products, or outer approximation (dense M)")
