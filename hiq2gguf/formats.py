@@ -59,6 +59,17 @@ def popcount8(mask: np.ndarray) -> np.ndarray:
     return high_group_flags(mask).sum(-1)
 
 
+def _blocks_and_scales(raw: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
+    """Row bytes [rows, nb * type_size] of any of our types -> (blocks uint8 [rows, nb,
+    type_size], their fp16 scales d [rows, nb]: every member starts with it)."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    if raw.ndim != 2 or raw.shape[1] % qtype.type_size:
+        raise FormatError(f"{qtype.name}: row bytes {raw.shape} are not a whole number of "
+                          f"{qtype.type_size}-byte blocks")
+    b = raw.reshape(raw.shape[0], -1, qtype.type_size)
+    return b, b[..., 0:2].copy().view("<f2").reshape(b.shape[:2])
+
+
 @dataclass(frozen=True)
 class HIQ2Type:
     """One member of the family: blocks of 64 weights with ``n_high`` 4-bit groups."""
@@ -136,14 +147,8 @@ class HIQ2Type:
         return out.reshape(rows, nb * self.type_size)
 
     def unpack(self, raw: np.ndarray) -> Codes:
-        raw = np.ascontiguousarray(raw, dtype=np.uint8)
-        if raw.ndim != 2 or raw.shape[1] % self.type_size:
-            raise FormatError(f"{self.name}: row bytes {raw.shape} are not a whole number of "
-                              f"{self.type_size}-byte blocks")
-        rows = raw.shape[0]
-        b = raw.reshape(rows, -1, self.type_size)
-        nb = b.shape[1]
-        d = b[..., 0:2].copy().view("<f2").reshape(rows, nb)
+        b, d = _blocks_and_scales(raw, self)
+        rows, nb = d.shape
         z = b[..., 2].copy()
         mask = b[..., 3].copy()
         high = high_group_flags(mask)
@@ -348,14 +353,8 @@ class E8Type:
         return out.reshape(rows, nb * self.type_size)
 
     def unpack(self, raw: np.ndarray) -> E8Codes:
-        raw = np.ascontiguousarray(raw, dtype=np.uint8)
-        if raw.ndim != 2 or raw.shape[1] % self.type_size:
-            raise FormatError(f"{self.name}: row bytes {raw.shape} are not a whole number of "
-                              f"{self.type_size}-byte blocks")
-        rows = raw.shape[0]
-        b = raw.reshape(rows, -1, self.type_size)
-        nb = b.shape[1]
-        d = b[..., 0:2].copy().view("<f2").reshape(rows, nb)
+        b, d = _blocks_and_scales(raw, self)
+        rows, nb = d.shape
         scales = np.stack([b[..., 2] & 15, b[..., 2] >> 4, b[..., 3] & 15, b[..., 3] >> 4], -1) + 1
         code = b[..., 4:E8_BASE_BYTES].copy().view("<u2").reshape(rows, nb, N_GROUPS).astype(np.int64)
         index = code & ((1 << E8_LOW_BITS) - 1)
