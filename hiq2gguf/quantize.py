@@ -253,12 +253,13 @@ def e8_round(t: torch.Tensor, imp: torch.Tensor, entries: int = E8_ENTRIES,
     negative bool [G, 8]).
 
     The distance is separable, so the nearest point of the whole coset (odd magnitudes
-    up to 5, lattice parity) rounds every coordinate to its nearest magnitude and, where
-    the parity rule is broken, moves the one coordinate whose cheapest parity-changing
-    alternative (the neighbouring magnitude, or the other sign) costs least: any fix
-    needs an odd number of such moves. Groups whose point lies outside the codebook
-    (norm above 48, bar 61 vectors of norm 56) are searched over all 512 entries
-    (those of the wrong sign parity through a shortlist: ``SHORTLIST``)."""
+    up to the codebook's largest, lattice parity) rounds every coordinate to its nearest
+    magnitude and, where the parity rule is broken, moves the one coordinate whose
+    cheapest parity-changing alternative (the neighbouring magnitude, or the other sign)
+    costs least: any fix needs an odd number of such moves. Groups whose point lies
+    outside the codebook (its norm too large: for HIQ2_E8 above 48, bar 61 vectors of
+    norm 56) are searched over all entries (those of the wrong sign parity through a
+    shortlist: ``SHORTLIST``)."""
     mags, grid, lookup, parity, expand = _e8_tables(entries)
     top = len(mags) - 1
     a, neg = t.abs(), t < 0
@@ -277,29 +278,28 @@ def e8_round(t: torch.Tensor, imp: torch.Tensor, entries: int = E8_ENTRIES,
     j = fix.argmin(-1)
     rows = torch.nonzero(bad)[:, 0]
     jj = j[rows]
-    kj, aj = k0[rows, jj], a[rows, jj]
+    kj = k0[rows, jj]
     best_move = torch.stack([torch.where(kj < top, up[rows, jj], inf[rows, jj]),
                              torch.where(kj > 0, down[rows, jj], inf[rows, jj]),
                              flip[rows, jj]], -1).argmin(-1)       # 0 up, 1 down, 2 flip
     k[rows, jj] = torch.where(best_move == 0, kj + 1, torch.where(best_move == 1, kj - 1, kj))
     neg[rows, jj] = torch.where(best_move == 2, ~neg[rows, jj], neg[rows, jj])
-    del aj
     index = lookup[(k * len(mags) ** torch.arange(GROUP)).sum(-1)]
     out = torch.nonzero(index < 0)[:, 0]
     for c0 in range(0, len(out), chunk):                         # outside the codebook: every entry
         g = out[c0:c0 + chunk]
         ag, ig, ng = a[g], imp[g], t[g] < 0
         c = ig * ag
-        err = torch.cat([ig, c], 1) @ expand                                            # [c, 512]
+        err = torch.cat([ig, c], 1) @ expand                                            # [c, n]
         wrong = parity[None] != (ng.sum(-1, keepdim=True) % 2 == 1)
         # an entry of the wrong parity also flips its cheapest sign (4 imp_j a_j m_j); rank
         # by a lower bound of that (4 min_j imp_j a_j) and price a shortlist exactly
         bound = torch.addcmul(err, wrong.to(err.dtype), 4 * c.amin(-1, keepdim=True))
-        top = bound.topk(SHORTLIST, dim=-1, largest=False).indices                    # [c, K]
-        flip = 4 * c[:, None, :] * grid[top]                                           # [c, K, 8]
-        cost = err.gather(1, top) + torch.where(wrong.gather(1, top), flip.amin(-1), torch.zeros(()))
+        short = bound.topk(SHORTLIST, dim=-1, largest=False).indices                  # [c, K]
+        flip = 4 * c[:, None, :] * grid[short]                                         # [c, K, 8]
+        cost = err.gather(1, short) + torch.where(wrong.gather(1, short), flip.amin(-1), torch.zeros(()))
         pick = cost.argmin(-1)
-        e = top.gather(1, pick[:, None])[:, 0]
+        e = short.gather(1, pick[:, None])[:, 0]
         index[g] = e
         sign = ng.clone()
         r = torch.arange(len(g))
@@ -337,7 +337,8 @@ def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Confi
     magnitude 1) among ``cfg.search`` x its rms with the smallest importance-weighted
     error, then refitted by weighted least squares with the codes held -> float [..., 4]."""
     x, ii = _e8_sub(wb)[..., 0, :, :, :], _e8_sub(imp)[..., 0, :, :, :]      # [..., 4, 2, 8]
-    rms = torch.clamp(x.pow(2).mean((-1, -2)).sqrt(), min=1e-30) * 5 / int(qtype.grid.max())  # [..., 4]
+    rms = torch.clamp(x.pow(2).mean((-1, -2)).sqrt(), min=1e-30)                # [..., 4]
+    rms = rms * 5 / int(qtype.grid.max())       # the search's unit: HIQ2_E8's range is 5
     best = best_err = None
 
     def consider(unit):
@@ -352,7 +353,6 @@ def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Confi
         else:
             better = err < best_err
             best, best_err = torch.where(better, unit, best), torch.minimum(err, best_err)
-        return c
 
     for f in cfg.search:
         consider(rms * f)
