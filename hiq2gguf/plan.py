@@ -98,7 +98,8 @@ class HIQ2Candidate:
         fisher = cands[0].fisher[name]
         members = [c for c in cands if isinstance(c.qtype, HIQ2Type)]
         # one range search serves every H member (quantize_rtn_members)
-        codes = dict(zip(members, quantize_rtn_members(w, [c.qtype.n_high for c in members], fisher, ESTIMATE_RTN)))
+        codes = dict(zip(members, quantize_rtn_members(w, [c.qtype.n_high for c in members], fisher, ESTIMATE_RTN)
+                         if members else []))
         for c in cands:
             if isinstance(c.qtype, E8Type):
                 codes[c] = quantize_e8(w, fisher, ESTIMATE_E8, c.qtype)
