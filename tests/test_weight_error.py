@@ -31,17 +31,18 @@ def test_measure_and_report_on_a_random_weight(runtime_lib):
     w = (rng.standard_normal((32, 512)) * np.exp(0.5 * rng.standard_normal(512))).astype(np.float32)
     imp = np.exp(2 * rng.standard_normal(512)).astype(np.float32)
     stock = parse_stock_types("IQ2_XS,Q2_K,IQ3_XXS,Q4_0")
-    res = weight_error.measure(w, imp, stock, [0, 2, 8], threads=2)
-    assert set(res) == {"IQ2_XS", "Q2_K", "IQ3_XXS", "Q4_0", "HIQ2_H0", "HIQ2_H2", "HIQ2_H8"}
+    res = weight_error.measure(w, imp, stock, weight_error.parse_ours("e8,0,2,8"), threads=2)
+    assert set(res) == {"IQ2_XS", "Q2_K", "IQ3_XXS", "Q4_0", "HIQ2_E8", "HIQ2_H0", "HIQ2_H2", "HIQ2_H8"}
     err = {n: e for n, (_, e) in res.items()}
     assert res["HIQ2_H2"][0] == 3.0 and res["Q2_K"][0] == pytest.approx(2.625)
     assert err["HIQ2_H8"] < err["HIQ2_H2"] < err["HIQ2_H0"] < 0.5    # more 4-bit groups, less error
+    assert err["HIQ2_E8"] < err["HIQ2_H0"]                          # the lattice at the same 2.5 bpw
     assert err["Q4_0"] < err["IQ3_XXS"] < err["IQ2_XS"]
     # a 576-wide row takes none of the 256-weight-block types
-    narrow = weight_error.measure(w[:, :448].copy(), imp[:448].copy(), stock, [0], threads=2)
+    narrow = weight_error.measure(w[:, :448].copy(), imp[:448].copy(), stock, weight_error.parse_ours("0"), threads=2)
     assert set(narrow) == {"Q4_0", "HIQ2_H0"}
 
-    text = weight_error.report({"a": res, "b": narrow}, "random", {"HIQ2_H0", "HIQ2_H2", "HIQ2_H8"})
+    text = weight_error.report({"a": res, "b": narrow}, "random", {"HIQ2_E8", "HIQ2_H0", "HIQ2_H2", "HIQ2_H8"})
     assert "over a (the weights every type fits; left out: b)" in text
     h2 = next(line for line in text.splitlines() if line.startswith("HIQ2_H2") and "stock" not in line
               and len(line.split()) > 3)
