@@ -17,7 +17,7 @@ import torch
 
 from hiq2gguf.formats import (BLOCK, E8, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, N_GROUPS, Codes, E8Codes, E8Type,
                               HIQ2Type)
-from hiq2gguf.quantize import (E8Config, RTNConfig, codes_from_tensors, e8_codes, e8_round, e8_values,
+from hiq2gguf.quantize import (E8Config, RTNConfig, codes_from_tensors, e8_codes, e8_decoded, e8_round, e8_values,
                                floored_importance, round_to_grid, search_block_grid, search_e8_units,
                                store_e8_units)
 
@@ -124,7 +124,7 @@ class GPTQ:
                 idx, neg = e8_round(W1[:, g0:g1] / unit[:, None], metric[g0:g1].expand(rows, GROUP), qtype.entries)
                 idx_all[:, b, g] = idx
                 neg_all[:, b, g0:g1] = neg
-                wq = df[:, None] * (e8_values(idx, neg, qtype.entries) * qg[:, None]) / 16     # exactly as decoded
+                wq = e8_decoded(df[:, None], qg[:, None], e8_values(idx, neg, qtype.entries))
                 for j in range(g0, g1):
                     e = (W1[:, j] - wq[:, j - g0]) / Hb[j, j]
                     W1[:, j:] -= e.unsqueeze(1) * Hb[j, j:].unsqueeze(0)

@@ -316,6 +316,12 @@ def e8_values(index: torch.Tensor, negative: torch.Tensor, entries: int = E8_ENT
     return torch.where(negative, -m, m)
 
 
+def e8_decoded(d: torch.Tensor, q: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The weights the file decodes: d * (q * signed magnitude) / 16 with ``d`` float [...],
+    ``q`` and ``values`` broadcastable to the weights; exact in float32 (FORMAT.md)."""
+    return d * (values * q) / 16
+
+
 def store_e8_units(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sub-block units [..., 4] -> as the file stores them: (d fp16 [...], q [..., 4] in 1..16),
     d = fp16(max unit), unit = d q / 16."""
@@ -375,9 +381,8 @@ def round_e8_block(wb: torch.Tensor, imp: torch.Tensor, d: torch.Tensor, q: torc
     g = wb.reshape(*shape, N_GROUPS, GROUP)
     idx, neg = e8_round((g / u).reshape(-1, GROUP), imp.reshape(-1, GROUP), qtype.entries)
     idx, neg = idx.reshape(*shape, N_GROUPS), neg.reshape(*shape, BLOCK)
-    qi = q.to(torch.int32).repeat_interleave(E8_SUB, dim=-1)
-    n = e8_values(idx, neg.reshape(*shape, N_GROUPS, GROUP), qtype.entries).reshape(*shape, BLOCK).to(torch.int32) * qi
-    return idx, neg, d.to(torch.float32)[..., None] * n.to(torch.float32) / 16
+    values = e8_values(idx, neg.reshape(*shape, N_GROUPS, GROUP), qtype.entries).reshape(*shape, BLOCK)
+    return idx, neg, e8_decoded(d.to(torch.float32)[..., None], q.repeat_interleave(E8_SUB, dim=-1), values)
 
 
 def e8_codes(d: torch.Tensor, q: torch.Tensor, index: torch.Tensor, negative: torch.Tensor, qtype: E8Type) -> E8Codes:
