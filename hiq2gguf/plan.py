@@ -17,7 +17,7 @@ from hiq2gguf.quantize import E8Config, RTNConfig, dequantize_torch, quantize_e8
 # Candidate perturbations only need to be representative, not the final rounding:
 # a coarser range search keeps estimating M cheap.
 ESTIMATE_RTN = RTNConfig(shrink=(1.0, 0.8, 0.6))
-ESTIMATE_E8 = E8Config(search=(0.3, 0.4, 0.5, 0.6, 0.8), refits=1)
+ESTIMATE_E8 = E8Config(search=(0.8, 1.0, 1.25, 1.55), refits=1)
 
 
 class BudgetError(ValueError):

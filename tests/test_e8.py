@@ -12,7 +12,7 @@ import torch
 
 from hiq2gguf.formats import E8, E8_TYPES, e8_grid, e8_parity, get_type
 from hiq2gguf.gptq import GPTQ
-from hiq2gguf.quantize import dequantize_torch, e8_round, e8_values, quantize_e8, quantize_member, quantize_rtn
+from hiq2gguf.quantize import _coset_round, _e8_tables, dequantize_torch, e8_round, e8_values, quantize_e8, quantize_member, quantize_rtn
 from tests.test_gptq import correlated_inputs
 
 
@@ -46,6 +46,30 @@ def test_lattice_rounding_is_the_nearest_codebook_point(spread, qtype):
     ours = (imp.to(torch.float64) * (t.to(torch.float64) - v) ** 2).sum(-1)
     best = brute_force(t, imp, qtype.entries)
     assert torch.allclose(ours, best, rtol=1e-5, atol=1e-6), float((ours - best).max())
+
+
+@pytest.mark.parametrize("qtype", E8_TYPES, ids=lambda t: t.name)
+def test_approximate_rounding_is_a_codebook_point_no_nearer_than_the_exact(qtype):
+    """The scale search's trial rounding (exact=False): lattice points of the codebook,
+    the exact answer wherever the nearest coset point is in the codebook, never nearer
+    than the exact search elsewhere, and in all within 30 % of its total cost."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(2000, 8, generator=g) * 2.0 * (int(qtype.grid.max()) / 5)
+    imp = torch.rand(2000, 8, generator=g) + 0.05
+    exact, approx = e8_round(t, imp, qtype.entries), e8_round(t, imp, qtype.entries, exact=False)
+    cost = []
+    for index, negative in (exact, approx):
+        assert (index >= 0).all() and (index < qtype.entries).all()
+        v = e8_values(index, negative, qtype.entries).to(torch.float64)
+        assert ((v.sum(-1) % 4) == 0).all()
+        cost.append((imp.to(torch.float64) * (t.to(torch.float64) - v) ** 2).sum(-1))
+    mags, _, lookup, *_ = _e8_tables(qtype.entries)
+    k, _ = _coset_round(t, imp, mags)
+    inside = lookup[(k * len(mags) ** torch.arange(8)).sum(-1)] >= 0
+    assert 0.3 < float(inside.float().mean()) < 0.95              # both kinds of group occur
+    assert torch.equal(exact[0][inside], approx[0][inside]) and torch.equal(exact[1][inside], approx[1][inside])
+    assert (cost[1] >= cost[0] - 1e-6).all()
+    assert float(cost[1].sum() / cost[0].sum()) < 1.3
 
 
 def weighted_error(w, q, imp):
