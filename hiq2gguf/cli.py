@@ -9,11 +9,13 @@ import sys
 
 def _convert(a) -> int:
     from hiq2gguf.convert import ConvertConfig, convert
+    from hiq2gguf.gptq import GPTQConfig
     from hiq2gguf.plan import RatioConfig
 
     ratio = RatioConfig(estimator=a.estimator, ratios=a.ratios, solver=a.solver, time_limit=a.time_limit,
                         cache=not a.no_cache)
     cfg = ConvertConfig(bpw=a.bpw, method=a.method or ConvertConfig.method, preset=a.preset,
+                        gptq=GPTQConfig(act_order=a.act_order),
                         ratio_strategy=a.ratio_strategy, ratio=ratio,
                         target=a.target, stock_types=a.stock_types,
                         calib_windows=a.calib_windows, calib_ctx=a.calib_ctx, eval_text=a.eval_text,
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the calibration text. hybrid: GPTQ, then learned rounding of the "
                         "high-impact groups; hybrid-lwc: learned clipping, then learned rounding "
                         "(default: ConvertConfig.method, hybrid)")
+    c.add_argument("--act-order", action="store_true",
+                   help="GPTQ (gptq, hybrid) in activation order: most active inputs first (gptq.GPTQConfig)")
     c.add_argument("--preset", choices=["fast", "paper"], default="fast",
                    help="reconstruction training of lwc/adaround/hybrid: fast (minutes on a CPU) "
                         "or paper (5,000 AdaRound steps, for a GPU)")

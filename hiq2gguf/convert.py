@@ -20,6 +20,7 @@ from hiq2gguf import data, evaluate
 from hiq2gguf.formats import FormatError, HIQ2Type
 from hiq2gguf.plan import BudgetError, RatioConfig, check_budget, fixed_plan, optimized_plan, parse_ratios
 from hiq2gguf.gguf_io import atomic_output
+from hiq2gguf.gptq import GPTQConfig, gptq_key
 from hiq2gguf.quantize import dequantize_torch, quantize_member
 from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
 
@@ -36,6 +37,7 @@ class ConvertConfig:
     # whole-model perplexity wherever the plan has high-impact groups (README, compare_stock)
     method: str = "hybrid"
     preset: str = "fast"                      # reconstruction settings: fast (CPU) | paper (learned.PRESETS)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)     # GPTQ's damping and activation order
     ratio_strategy: str = "optimized"         # optimized (per-layer ratios, see plan.py) | fixed
     ratio: RatioConfig = field(default_factory=RatioConfig)
     target: str = "hiq2"                      # hiq2 | stock (stock llama.cpp types only, stock.py)
@@ -205,7 +207,7 @@ class Conversion:
         from hiq2gguf.sequential import block_quantize_fn
 
         return block_quantize_fn(self.cfg.method, self.model, plan, calib.windows, calib.fisher,
-                                 preset(self.cfg.preset), self.cfg.progress)
+                                 preset(self.cfg.preset), self.cfg.progress, self.cfg.gptq)
 
     def quantize(self, plan: dict[str, HIQ2Type], calib: Calibration):
         """Codes -> packed bytes; the torch model gets exactly the dequantized weights."""
@@ -221,7 +223,7 @@ class Conversion:
             from hiq2gguf.resume import BlockCheckpoints, ResumableQuantizeFn, plan_spelling
 
             key = self.cache_key("blocks", calib.windows, plan_spelling(plan), self.cfg.method,
-                                 repr(preset(self.cfg.preset)))
+                                 repr(preset(self.cfg.preset)), *gptq_key(self.cfg.gptq))
             store = BlockCheckpoints(self.checkpoints, key, self.converter.n_layers)
             fn = ResumableQuantizeFn(fn, store, plan, self.converter.block_index, lambda m: _log(self.cfg, m))
         out = quantize_model(self.model, self.converter, plan, fn, self.cfg.progress)

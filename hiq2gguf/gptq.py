@@ -13,6 +13,8 @@ their nearest levels are the codes (the hybrid's AdaRound starts from them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hiq2gguf.formats import (BLOCK, E8, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, N_GROUPS, Codes, E8Codes, E8Type,
@@ -22,10 +24,29 @@ from hiq2gguf.quantize import (E8Config, RTNConfig, codes_from_tensors, e8_codes
                                store_e8_units)
 
 
+@dataclass
+class GPTQConfig:
+    damp: float = 0.01                # of the mean Hessian diagonal, added to the diagonal
+    # activation order: inputs in decreasing order of their Hessian diagonal, so the error
+    # of the most active ones is fixed first and fed to the rest. For the H members column
+    # by column, their grids (scale, zero point, high groups) then searched up front on the
+    # weights as given ("static groups": a block's columns are no longer reached together);
+    # for the lattice members whole 64-column blocks, each block's scales still searched
+    # when it is reached (on a test layer static scales lost more than the order gained)
+    act_order: bool = False
+
+
+def gptq_key(cfg: GPTQConfig) -> tuple[str, ...]:
+    """What a cache key of GPTQ's results adds for ``cfg``: nothing for the defaults, so
+    that checkpoints made before the config existed still count."""
+    return () if cfg == GPTQConfig() else (repr(cfg),)
+
+
 class GPTQ:
-    def __init__(self, n_cols: int):
+    def __init__(self, n_cols: int, cfg: GPTQConfig = GPTQConfig()):
         self.H = torch.zeros(n_cols, n_cols, dtype=torch.float64)
         self.n = 0
+        self.cfg = cfg
         self.rounded: torch.Tensor | None = None
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -37,46 +58,59 @@ class GPTQ:
         x = x * (2.0 / self.n) ** 0.5
         self.H += x.T @ x
 
-    def _prepare(self, weight: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight with dead input columns zeroed, upper Cholesky factor of the damped inverse Hessian)."""
+    def _prepare(self, weight: torch.Tensor, unit: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight with dead input columns zeroed, in processing order; upper Cholesky factor
+        of the damped inverse Hessian in that order; the order: original column of each
+        processed one). ``unit``: columns that move together under activation order."""
         W = weight.detach().to(torch.float32).clone()
         cols = W.shape[1]
         H = self.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
-        H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+        order = torch.arange(cols)
+        if self.cfg.act_order:
+            units = torch.diag(H).reshape(-1, unit).sum(-1)
+            order = (torch.argsort(units, descending=True, stable=True)[:, None] * unit
+                     + torch.arange(unit)).flatten()
+            W, H = W[:, order], H[order][:, order]
+        H += self.cfg.damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        return W, Hinv.to(torch.float32)
+        return W, Hinv.to(torch.float32), order
 
     def quantize(self, weight: torch.Tensor, n_high: int, importance: torch.Tensor | None = None,
-                 damp: float = 0.01, cfg: RTNConfig = RTNConfig()) -> Codes:
-        W, Hinv = self._prepare(weight, damp)
+                 cfg: RTNConfig = RTNConfig()) -> Codes:
+        W, Hinv, order = self._prepare(weight)
         rows, cols = W.shape
         nb = cols // BLOCK
-        imp = floored_importance(importance, W, cfg)
+        imp = floored_importance(importance, weight, cfg)
         d_all = torch.zeros(rows, nb, dtype=torch.float16)
         z_all = torch.zeros(rows, nb)
         high_all = torch.zeros(rows, nb, BLOCK // GROUP, dtype=torch.bool)
+        if self.cfg.act_order:
+            w0 = W[:, torch.argsort(order)]
+            high_all, d_all, z_all = search_block_grid(w0.reshape(rows, nb, BLOCK), n_high,
+                                                       imp.reshape(rows, nb, BLOCK), cfg)
         levels = torch.zeros(rows, cols)
         rounded = torch.zeros(rows, cols)
-        for b in range(nb):
-            c0, c1 = b * BLOCK, (b + 1) * BLOCK
-            high_g, d, z = search_block_grid(W[:, c0:c1].unsqueeze(1), n_high,
-                                             imp[:, c0:c1].unsqueeze(1), cfg)
-            high_g, d, z = high_g[:, 0], d[:, 0], z[:, 0]
-            d_all[:, b], z_all[:, b], high_all[:, b] = d, z, high_g
-            high = high_g.repeat_interleave(GROUP, dim=-1)
+        for c0 in range(0, cols, BLOCK):
+            c1 = c0 + BLOCK
+            if not self.cfg.act_order:     # the block's grid from the weights as updated so far
+                b = c0 // BLOCK
+                high_g, d, z = search_block_grid(W[:, c0:c1].unsqueeze(1), n_high, imp[:, c0:c1].unsqueeze(1), cfg)
+                d_all[:, b], z_all[:, b], high_all[:, b] = d[:, 0], z[:, 0], high_g[:, 0]
             W1 = W[:, c0:c1].clone()
             Err = torch.zeros_like(W1)
             Hb = Hinv[c0:c1, c0:c1]
             for j in range(BLOCK):
+                c = int(order[c0 + j])                # the original column, and its block's grid
+                b = c // BLOCK
                 w = W1[:, j]
-                lv, q = round_to_grid(w[:, None], high[:, j:j + 1], d, z)
-                lv, q = lv[:, 0], q[:, 0]
-                levels[:, c0 + j] = lv
-                rounded[:, c0 + j] = w
-                e = (w - q) / Hb[j, j]
+                lv, q = round_to_grid(w[:, None], high_all[:, b, (c % BLOCK) // GROUP, None],
+                                      d_all[:, b], z_all[:, b])
+                levels[:, c] = lv[:, 0]
+                rounded[:, c] = w
+                e = (w - q[:, 0]) / Hb[j, j]
                 W1[:, j:] -= e.unsqueeze(1) * Hb[j, j:].unsqueeze(0)
                 Err[:, j] = e
             W[:, c1:] -= Err @ Hinv[c0:c1, c1:]
@@ -91,23 +125,24 @@ class GPTQ:
         return self.quantize(weight, qtype.n_high, importance)
 
     def quantize_e8(self, weight: torch.Tensor, importance: torch.Tensor | None = None,
-                    damp: float = 0.01, cfg: E8Config = E8Config(), qtype: E8Type = E8) -> E8Codes:
+                    cfg: E8Config = E8Config(), qtype: E8Type = E8) -> E8Codes:
         """GPTQ for HIQ2_E8: a block's sub-block scales are searched (as ``quantize_e8``
         does) when the algorithm reaches it; each 8-column group is rounded to lattice
         points as one vector, then its columns' errors are fed forward one by one (the
         later columns of the group included, whose codes are already fixed: together
         that is the block update of jointly quantized columns)."""
-        W, Hinv = self._prepare(weight, damp)
+        W, Hinv, order = self._prepare(weight, BLOCK)
         rows, cols = W.shape
         nb = cols // BLOCK
-        imp = floored_importance(importance, W, RTNConfig(importance_floor=cfg.importance_floor))
+        imp = floored_importance(importance, weight, RTNConfig(importance_floor=cfg.importance_floor))
         d_all = torch.zeros(rows, nb, dtype=torch.float16)
         q_all = torch.ones(rows, nb, E8_N_SUB)
         idx_all = torch.zeros(rows, nb, N_GROUPS, dtype=torch.int64)
         neg_all = torch.zeros(rows, nb, BLOCK, dtype=torch.bool)
-        for b in range(nb):
-            c0, c1 = b * BLOCK, (b + 1) * BLOCK
-            d, q = store_e8_units(search_e8_units(W[:, c0:c1], imp[:, c0:c1], cfg, qtype))
+        for c0 in range(0, cols, BLOCK):
+            c1 = c0 + BLOCK
+            b = int(order[c0]) // BLOCK                # the block processed here (activation order)
+            d, q = store_e8_units(search_e8_units(W[:, c0:c1], imp[:, b * BLOCK:(b + 1) * BLOCK], cfg, qtype))
             d_all[:, b], q_all[:, b] = d, q
             W1 = W[:, c0:c1].clone()
             Err = torch.zeros_like(W1)

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from tqdm import tqdm
 
 from hiq2gguf.formats import Codes, HIQ2Type
-from hiq2gguf.gptq import GPTQ
+from hiq2gguf.gptq import GPTQ, GPTQConfig
 from hiq2gguf.learned import STAGES, FixedCodes, ReconstructionConfig, preset, start_stage, train_stage
 from hiq2gguf.quantize import dequantize_torch, quantize_member
 
@@ -124,12 +124,13 @@ class BlockSequential:
 
     def __init__(self, method: str, model, plan: dict[str, HIQ2Type], windows: list[list[int]],
                  fisher: dict[str, torch.Tensor] | None = None, recon: ReconstructionConfig | None = None,
-                 progress: bool = True):
+                 progress: bool = True, gptq: GPTQConfig = GPTQConfig()):
         if method not in METHODS or method == "rtn":
             raise ValueError(f"no block-sequential method {method!r} (known: {', '.join(METHODS[1:])})")
         self.method, self.model, self.plan = method, model, plan
         self.fisher = fisher or {}
         self.recon = recon or preset("fast")
+        self.gptq = gptq
         self.progress = progress
         self.blocks = decoder_blocks(model)
         self.block_of = {}
@@ -203,7 +204,7 @@ class BlockSequential:
         gptq, hooks = {}, []
         for n in names:
             mod = modules[local[n].rsplit(".", 1)[0]]
-            gptq[n] = GPTQ(mod.weight.shape[1])
+            gptq[n] = GPTQ(mod.weight.shape[1], self.gptq)
             hooks.append(mod.register_forward_hook(lambda m, inp, out, g=gptq[n]: g.add_batch(inp[0])))
         try:
             with torch.no_grad():
@@ -240,10 +241,10 @@ class BlockSequential:
 
 def block_quantize_fn(method: str, model, plan: dict[str, HIQ2Type], windows: list[list[int]],
                       fisher: dict[str, torch.Tensor] | None = None, recon: ReconstructionConfig | None = None,
-                      progress: bool = True):
+                      progress: bool = True, gptq: GPTQConfig = GPTQConfig()):
     """The ``quantize_fn`` of ``method`` for ``convert.quantize_model``: RTN layer by
     layer, the others block-sequentially on the calibration ``windows``."""
     if method == "rtn":
         fisher = fisher or {}
         return lambda name, w, qtype: quantize_member(w, qtype, fisher.get(name))
-    return BlockSequential(method, model, plan, windows, fisher, recon, progress)
+    return BlockSequential(method, model, plan, windows, fisher, recon, progress, gptq)

@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from hiq2gguf.formats import FormatError, HIQ2Type
+from hiq2gguf.gptq import gptq_key
 from hiq2gguf.model_io import ModelSourceError
 
 
@@ -475,8 +476,9 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     report.update(info)
 
     t0 = time.time()
-    fn = block_quantize_fn(cfg.method, sm.model, plan, windows, fisher, preset(cfg.preset), cfg.progress)
-    key = key_of(src, cfg.threads, "streamed blocks", windows, plan_spelling(plan), cfg.method, repr(preset(cfg.preset)))
+    fn = block_quantize_fn(cfg.method, sm.model, plan, windows, fisher, preset(cfg.preset), cfg.progress, cfg.gptq)
+    key = key_of(src, cfg.threads, "streamed blocks", windows, plan_spelling(plan), cfg.method, repr(preset(cfg.preset)),
+                 *gptq_key(cfg.gptq))
     store = BlockCheckpoints(root, key, len(sm.blocks))
     rfn = ResumableQuantizeFn(fn, store, plan, conv.block_index, log)
     for b in tqdm(range(len(sm.blocks)), desc="quantize (streamed)", unit="block", disable=not cfg.progress):

@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimator", default="gradient", choices=["gradient", "loss"], help="ratio optimizer's M")
     ap.add_argument("--ratios", default=RATIOS_DEFAULT, help="candidate members, the same for every budget")
     ap.add_argument("--preset", default="fast", help="learned quantizers' settings (fast | paper)")
+    ap.add_argument("--act-order", action="store_true", help="our GPTQ in activation order (gptq, hybrid)")
     ap.add_argument("--outdir", help="our GGUFs (default out/compare_stock/MODEL)")
     ap.add_argument("--workdir", help="the shared intermediate files: F32 GGUF, importance matrix, stock "
                                       "files, calibration (default: the bench cache, kept between runs)")
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from hiq2gguf.convert import Conversion, ConvertConfig, ppl_file
+    from hiq2gguf.gptq import GPTQConfig
     from hiq2gguf.learned import PRESETS
     from hiq2gguf.plan import BudgetError, RatioConfig, check_budget, parse_ratios
     from hiq2gguf.sequential import METHODS
@@ -329,7 +331,8 @@ def run(args) -> int:
         model_name += "-" + hashlib.sha1(str(Path(model_ref).resolve()).encode()).hexdigest()[:8]
     settings = {"eval_windows": args.eval_windows, "eval_ctx": 512, "calib_windows": args.calib_windows,
                 "estimator": args.estimator, "ratios": args.ratios, "preset": args.preset,
-                "imatrix_chunks": args.calib_windows, "bench_version": BENCH_VERSION}
+                "imatrix_chunks": args.calib_windows, "bench_version": BENCH_VERSION,
+                **({"act_order": True} if args.act_order else {})}
     results = Results(Path(args.json), model_name, settings)
     outdir = Path(args.outdir or f"out/compare_stock/{model_name}")
     workdir = Path(args.workdir) if args.workdir else None
@@ -337,6 +340,7 @@ def run(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     cfg = ConvertConfig(bpw=budgets[0], method=methods[0] if methods else "gptq", preset=args.preset,
+                        gptq=GPTQConfig(act_order=args.act_order),
                         evaluate=False, threads=args.threads, eval_windows=args.eval_windows,
                         calib_windows=args.calib_windows, ratio_strategy="optimized",
                         ratio=RatioConfig(estimator=args.estimator, ratios=args.ratios))
