@@ -24,6 +24,10 @@ columns) fixes every block's grid and the low-group codes, then AdaRound
 learns only the high-group rounding, starting from GPTQ's codes, with the low
 groups frozen at them. ``hybrid-lwc``: LWC learns the grid, then AdaRound the
 high groups; its low groups keep the nearest level of LWC's grid.
+
+On a lattice-coded weight (HIQ2_E8*) there are no levels to round up or down or a
+range to clip: every learned stage trains its sub-block scales instead
+(``E8Scales``), the codes held from the stage before (GPTQ's, or RTN's).
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hiq2gguf.formats import GROUP, LOW_STEP, Codes, E8Codes, E8Type, HIQ2Type, high_group_flags
+from hiq2gguf.formats import (E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP, Codes, E8Codes, E8Type, HIQ2Type,
+                              high_group_flags)
 from hiq2gguf.gptq import GPTQ
-from hiq2gguf.quantize import (RTNConfig, _blocks, codes_from_tensors, dequantize_torch, floored_importance,
-                               grid_params, quantize_member, round_to_grid, search_block_grid)
+from hiq2gguf.quantize import (RTNConfig, _blocks, codes_from_tensors, dequantize_torch, e8_decoded, e8_values,
+                               floored_importance, grid_params, quantize_member, round_to_grid, search_block_grid)
 
 # AdaRound's rectified sigmoid stretches sigmoid to (GAMMA, ZETA) and clips to [0, 1]
 ZETA, GAMMA = 1.1, -0.1
@@ -224,15 +229,63 @@ class AdaRound(LearnedQuantizer):
         return codes_from_tensors(self.d, self.z, self.high_g, levels)
 
 
+class E8Scales(LearnedQuantizer):
+    """Learned sub-block scales of a lattice-coded weight (HIQ2_E8*), its codes held:
+    the unit of each 16 weights is exp(log_unit), stored as the file does (fp16 block
+    maximum d, steps q = round(16 unit / d) in 1..16, both straight-through), so the
+    trained weights are exactly the exported ones. A lattice code has no levels to
+    round differently; the scales are what reconstruction can still move.
+    ``lr_scale``: Adam's step on log_unit is the stage's learning rate times this."""
+
+    lr_scale = 0.01
+
+    def __init__(self, weight: torch.Tensor, codes: E8Codes):
+        super().__init__(weight, torch.zeros(codes.index.shape, dtype=torch.bool))
+        self.entries = codes.entries
+        self.register_buffer("index", torch.from_numpy(codes.index.astype("int64")))
+        self.register_buffer("negative", torch.from_numpy(codes.negative))
+        rows, nb = codes.d.shape
+        values = e8_values(self.index, self.negative.reshape(rows, nb, -1, GROUP), codes.entries)
+        self.register_buffer("values", values.reshape(rows, nb, -1))                     # [r, nb, 64]
+        unit = (torch.from_numpy(codes.d.astype("float32"))[..., None]
+                * torch.from_numpy(codes.scales.astype("float32")) / E8_SCALE_STEPS)       # [r, nb, 4]
+        self.register_buffer("zero", (unit <= 0).all(-1))                                  # d = 0: stays 0
+        self.register_buffer("log_unit0", torch.log(torch.where(unit > 0, unit, torch.ones_like(unit))))
+        self.delta = nn.Parameter(torch.zeros_like(unit))
+
+    def _units(self) -> torch.Tensor:
+        return torch.exp(self.log_unit0 + self.delta * self.lr_scale)
+
+    def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d [r, nb], q [r, nb, 4]) as the file stores them, straight-through."""
+        unit = self._units()
+        d = fp16_ste(unit.amax(-1))
+        q = torch.clamp(round_ste(unit / _safe(d.detach())[..., None] * E8_SCALE_STEPS), 1, E8_SCALE_STEPS)
+        return torch.where(self.zero, torch.zeros_like(d), d), q
+
+    def forward(self) -> torch.Tensor:
+        d, q = self._stored()
+        w = e8_decoded(d[..., None], q.repeat_interleave(E8_SUB, dim=-1), self.values)
+        return w.reshape(w.shape[0], -1)
+
+    @torch.no_grad()
+    def codes(self) -> E8Codes:
+        d, q = self._stored()
+        return E8Codes(d=d.to(torch.float16).numpy(), scales=q.to(torch.uint8).numpy(),
+                       index=self.index.numpy().astype("uint16"), negative=self.negative.numpy(),
+                       entries=self.entries)
+
+
 def start_stage(kind: type[LearnedQuantizer], weight: torch.Tensor, qtype: HIQ2Type | E8Type,
                 importance: torch.Tensor | None, prev: LearnedQuantizer | None,
                 cfg: "ReconstructionConfig | None" = None) -> LearnedQuantizer:
     """The quantizer of one stage, continuing from the previous stage's grid if any.
-    HIQ2_E8 weights have no grid of levels to learn on: they keep the previous stage's
-    codes (GPTQ's), or importance-weighted RTN's."""
+    HIQ2_E8 weights have no grid of levels to learn on: every stage learns their
+    sub-block scales (``E8Scales``) on the previous stage's codes (GPTQ's), or on
+    importance-weighted RTN's."""
     cfg = cfg or ReconstructionConfig()
     if isinstance(qtype, E8Type):
-        return prev if prev is not None else FixedCodes(weight, quantize_member(weight, qtype, importance))
+        return E8Scales(weight, prev.codes() if prev is not None else quantize_member(weight, qtype, importance))
     if kind is LWC:
         return LWC(weight, qtype.n_high, importance, seed=cfg.seed)
     if prev is not None:      # round what the previous stage rounded (GPTQ: its updated weights)

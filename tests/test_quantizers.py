@@ -8,7 +8,8 @@ import torch
 
 from hiq2gguf.formats import get_type
 from hiq2gguf.gptq import GPTQ
-from hiq2gguf.learned import LWC, STAGES, AdaRound, FixedCodes, ReconstructionConfig, start_stage, train_stage
+from hiq2gguf.learned import (LWC, STAGES, AdaRound, E8Scales, FixedCodes, ReconstructionConfig, start_stage,
+                              train_stage)
 from hiq2gguf.quantize import dequantize_torch, quantize_rtn
 from tests.test_gptq import correlated_inputs
 
@@ -189,3 +190,35 @@ def test_block_sequential_file_equals_fake_quant(method, tiny_llama_dir, tmp_pat
     for name in plan:
         a = model.state_dict()[name].detach().numpy().astype(np.float32)
         assert np.array_equal(a.view(np.uint32), stored[name].view(np.uint32)), name
+
+
+@pytest.mark.parametrize("prev", ["gptq", "rtn"])
+def test_lattice_stage_learns_scales_and_keeps_the_codes(prev):
+    """On a HIQ2_E8 weight a learned stage (the hybrid's second) trains the sub-block
+    scales with GPTQ's (or RTN's) lattice codes held: it starts from exactly those
+    weights, what it trains is what it exports, its codes pack unchanged, and the
+    held-out layer output error falls below its start's."""
+    t = get_type("HIQ2_E8")
+    W, chunks, X_test = layer_problem(40)
+    start_codes = None
+    if prev == "gptq":
+        gptq = GPTQ(COLS)
+        for x in chunks:
+            gptq.add_batch(x)
+        start_codes = gptq.quantize_as(W, t)
+        q = start_stage(AdaRound, W, t, None, FixedCodes(gptq.rounded, start_codes), CFG)
+    else:
+        q = start_stage(AdaRound, W, t, None, None, CFG)
+        start_codes = q.codes()
+    assert isinstance(q, E8Scales)
+    assert torch.equal(q.eval()(), dequantize_torch(start_codes))
+    train_stage(linear, {"weight": q}, chunks, [x @ W.T for x in chunks], *CFG.steps(AdaRound), CFG)
+    codes = q.codes()
+    assert torch.equal(q.eval()(), dequantize_torch(codes))
+    assert np.array_equal(codes.index, start_codes.index) and np.array_equal(codes.negative, start_codes.negative)
+    assert not np.array_equal(codes.scales, start_codes.scales)
+    raw = t.pack(codes)
+    assert np.array_equal(t.pack(t.unpack(raw)), raw)
+    assert np.array_equal(dequantize_torch(codes).numpy().view(np.uint32), t.dequantize(raw).view(np.uint32))
+    err, err0 = out_err(dequantize_torch(codes), W, X_test), out_err(dequantize_torch(start_codes), W, X_test)
+    assert err < 0.99 * err0, (err, err0)
