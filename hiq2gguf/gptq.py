@@ -127,7 +127,8 @@ class GPTQ:
     def quantize_e8(self, weight: torch.Tensor, importance: torch.Tensor | None = None,
                     cfg: E8Config = E8Config(), qtype: E8Type = E8) -> E8Codes:
         """GPTQ for HIQ2_E8: a block's sub-block scales are searched (as ``quantize_e8``
-        does) when the algorithm reaches it; each 8-column group is rounded to lattice
+        does) when the algorithm reaches it (blocks in activation order with
+        ``cfg.act_order``); each 8-column group is rounded to lattice
         points as one vector, then its columns' errors are fed forward one by one (the
         later columns of the group included, whose codes are already fixed: together
         that is the block update of jointly quantized columns)."""
