@@ -20,7 +20,7 @@ from hiq2gguf import data, evaluate
 from hiq2gguf.formats import FormatError, HIQ2Type
 from hiq2gguf.plan import BudgetError, RatioConfig, check_budget, fixed_plan, optimized_plan, parse_ratios
 from hiq2gguf.gguf_io import atomic_output
-from hiq2gguf.gptq import GPTQConfig, gptq_key
+from hiq2gguf.gptq import GPTQConfig
 from hiq2gguf.quantize import dequantize_torch, quantize_member
 from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
 
@@ -219,11 +219,10 @@ class Conversion:
             return packed, quantize_embeddings(self.model, self.converter)
         fn = self.quantize_fn(calib, plan)
         if self.checkpoints is not None:
-            from hiq2gguf.learned import preset
+            from hiq2gguf.sequential import block_settings
             from hiq2gguf.resume import BlockCheckpoints, ResumableQuantizeFn, plan_spelling
 
-            key = self.cache_key("blocks", calib.windows, plan_spelling(plan), self.cfg.method,
-                                 repr(preset(self.cfg.preset)), *gptq_key(self.cfg.gptq))
+            key = self.cache_key("blocks", calib.windows, plan_spelling(plan), *block_settings(self.cfg))
             store = BlockCheckpoints(self.checkpoints, key, self.converter.n_layers)
             fn = ResumableQuantizeFn(fn, store, plan, self.converter.block_index, lambda m: _log(self.cfg, m))
         out = quantize_model(self.model, self.converter, plan, fn, self.cfg.progress)

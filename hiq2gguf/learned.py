@@ -41,8 +41,8 @@ from tqdm import tqdm
 from hiq2gguf.formats import (E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP, Codes, E8Codes, E8Type, HIQ2Type,
                               high_group_flags)
 from hiq2gguf.gptq import GPTQ
-from hiq2gguf.quantize import (RTNConfig, _blocks, codes_from_tensors, dequantize_torch, e8_decoded, e8_values,
-                               floored_importance, grid_params, quantize_member, round_to_grid, search_block_grid)
+from hiq2gguf.quantize import (RTNConfig, _blocks, codes_from_tensors, dequantize_torch, e8_codes, e8_decoded,
+                               e8_values, floored_importance, grid_params, quantize_member, round_to_grid, search_block_grid)
 
 # AdaRound's rectified sigmoid stretches sigmoid to (GAMMA, ZETA) and clips to [0, 1]
 ZETA, GAMMA = 1.1, -0.1
@@ -239,9 +239,9 @@ class E8Scales(LearnedQuantizer):
 
     lr_scale = 0.01
 
-    def __init__(self, weight: torch.Tensor, codes: E8Codes):
+    def __init__(self, weight: torch.Tensor, codes: E8Codes, qtype: E8Type):
         super().__init__(weight, torch.zeros(codes.index.shape, dtype=torch.bool))
-        self.entries = codes.entries
+        self.qtype = qtype
         self.register_buffer("index", torch.from_numpy(codes.index.astype("int64")))
         self.register_buffer("negative", torch.from_numpy(codes.negative))
         rows, nb = codes.d.shape
@@ -271,9 +271,7 @@ class E8Scales(LearnedQuantizer):
     @torch.no_grad()
     def codes(self) -> E8Codes:
         d, q = self._stored()
-        return E8Codes(d=d.to(torch.float16).numpy(), scales=q.to(torch.uint8).numpy(),
-                       index=self.index.numpy().astype("uint16"), negative=self.negative.numpy(),
-                       entries=self.entries)
+        return e8_codes(d, q, self.index, self.negative, self.qtype)
 
 
 def start_stage(kind: type[LearnedQuantizer], weight: torch.Tensor, qtype: HIQ2Type | E8Type,
@@ -285,7 +283,8 @@ def start_stage(kind: type[LearnedQuantizer], weight: torch.Tensor, qtype: HIQ2T
     importance-weighted RTN's."""
     cfg = cfg or ReconstructionConfig()
     if isinstance(qtype, E8Type):
-        return E8Scales(weight, prev.codes() if prev is not None else quantize_member(weight, qtype, importance))
+        return E8Scales(weight, prev.codes() if prev is not None else quantize_member(weight, qtype, importance),
+                        qtype)
     if kind is LWC:
         return LWC(weight, qtype.n_high, importance, seed=cfg.seed)
     if prev is not None:      # round what the previous stage rounded (GPTQ: its updated weights)

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from tqdm import tqdm
 
 from hiq2gguf.formats import Codes, HIQ2Type
-from hiq2gguf.gptq import GPTQ, GPTQConfig
+from hiq2gguf.gptq import GPTQ, GPTQConfig, gptq_key
 from hiq2gguf.learned import STAGES, FixedCodes, ReconstructionConfig, preset, start_stage, train_stage
 from hiq2gguf.quantize import dequantize_torch, quantize_member
 
@@ -237,6 +237,12 @@ class BlockSequential:
             stats.append({"stage": kind.__name__, **r})
             prev = qs
         return {n: q.codes() for n, q in prev.items()}, stats
+
+
+def block_settings(cfg) -> tuple[str, ...]:
+    """What a block's quantized result depends on, besides the weights, calibration windows
+    and plan, for ``cfg`` (a ``convert.ConvertConfig``): the parts of its checkpoint key."""
+    return (cfg.method, repr(preset(cfg.preset)), *gptq_key(cfg.gptq))
 
 
 def block_quantize_fn(method: str, model, plan: dict[str, HIQ2Type], windows: list[list[int]],

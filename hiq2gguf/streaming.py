@@ -38,7 +38,6 @@ import torch
 from tqdm import tqdm
 
 from hiq2gguf.formats import FormatError, HIQ2Type
-from hiq2gguf.gptq import gptq_key
 from hiq2gguf.model_io import ModelSourceError
 
 
@@ -410,7 +409,7 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     from hiq2gguf.plan import fixed_plan, forced_plan, hiq2_candidates, plan_bits, solve_plan
     from hiq2gguf.resume import (BlockCheckpoints, ResumableQuantizeFn, key_of, partial_dir, plan_spelling,
                                  save_json, source_digest)
-    from hiq2gguf.sequential import block_quantize_fn
+    from hiq2gguf.sequential import block_quantize_fn, block_settings
 
     check_streamable(cfg, source)
     give_freed_memory_back()
@@ -477,8 +476,7 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
 
     t0 = time.time()
     fn = block_quantize_fn(cfg.method, sm.model, plan, windows, fisher, preset(cfg.preset), cfg.progress, cfg.gptq)
-    key = key_of(src, cfg.threads, "streamed blocks", windows, plan_spelling(plan), cfg.method, repr(preset(cfg.preset)),
-                 *gptq_key(cfg.gptq))
+    key = key_of(src, cfg.threads, "streamed blocks", windows, plan_spelling(plan), *block_settings(cfg))
     store = BlockCheckpoints(root, key, len(sm.blocks))
     rfn = ResumableQuantizeFn(fn, store, plan, conv.block_index, log)
     for b in tqdm(range(len(sm.blocks)), desc="quantize (streamed)", unit="block", disable=not cfg.progress):
