@@ -20,7 +20,7 @@ import torch
 from hiq2gguf.formats import (BLOCK, E8, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, N_GROUPS, Codes, E8Codes, E8Type,
                               HIQ2Type)
 from hiq2gguf.quantize import (E8Config, RTNConfig, codes_from_tensors, e8_codes, e8_decoded, e8_round, e8_values,
-                               floored_importance, round_to_grid, search_block_grid, search_e8_units,
+                               e8_rms_units, floored_importance, round_to_grid, search_block_grid, search_e8_units,
                                store_e8_units)
 
 
@@ -34,6 +34,13 @@ class GPTQConfig:
     # for the lattice members whole 64-column blocks, each block's scales still searched
     # when it is reached (on a test layer static scales lost more than the order gained)
     act_order: bool = False
+    # lattice members: a block's sub-block units are searched on its weights as the error
+    # feedback left them, but never above this many times the largest unit the search
+    # would try on the weights as given. Unbounded, the feedback and the units can feed
+    # each other: on Qwen2.5's blk.2.ffn_down (a few weights 800x the row's rms, 8960
+    # inputs seen in 8192 calibration tokens) the rows holding those weights grew to 90x
+    # their norm and the model broke (perplexity 1080)
+    unit_growth: float = 2.0
 
 
 def gptq_key(cfg: GPTQConfig) -> tuple[str, ...]:
@@ -136,6 +143,7 @@ class GPTQ:
         rows, cols = W.shape
         nb = cols // BLOCK
         imp = floored_importance(importance, weight, RTNConfig(importance_floor=cfg.importance_floor))
+        max_units = self.cfg.unit_growth * max(cfg.search) * e8_rms_units(W.reshape(rows, nb, BLOCK), qtype)
         d_all = torch.zeros(rows, nb, dtype=torch.float16)
         q_all = torch.ones(rows, nb, E8_N_SUB)
         idx_all = torch.zeros(rows, nb, N_GROUPS, dtype=torch.int64)
@@ -143,7 +151,8 @@ class GPTQ:
         for c0 in range(0, cols, BLOCK):
             c1 = c0 + BLOCK
             b = int(order[c0]) // BLOCK                # the block processed here (activation order)
-            d, q = store_e8_units(search_e8_units(W[:, c0:c1], imp[:, b * BLOCK:(b + 1) * BLOCK], cfg, qtype))
+            d, q = store_e8_units(search_e8_units(W[:, c0:c1], imp[:, b * BLOCK:(b + 1) * BLOCK], cfg, qtype,
+                                                  max_units[:, c0 // BLOCK]))
             d_all[:, b], q_all[:, b] = d, q
             W1 = W[:, c0:c1].clone()
             Err = torch.zeros_like(W1)

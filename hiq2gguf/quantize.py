@@ -370,14 +370,22 @@ def _e8_sub(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, E8_N_SUB, E8_SUB // GROUP, GROUP)
 
 
+def e8_rms_units(wb: torch.Tensor, qtype: E8Type = E8) -> torch.Tensor:
+    """Per sub-block of 16 weights of blocks ``wb`` [..., 64] the unit at which its root
+    mean square is the codebook's -> float [..., 4] (the scale search's reference)."""
+    rms = torch.clamp(_e8_sub(wb)[..., 0, :, :, :].pow(2).mean((-1, -2)).sqrt(), min=1e-30)
+    return rms / _e8_tables(qtype.entries)[5]
+
+
 def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Config(),
-                    qtype: E8Type = E8) -> torch.Tensor:
+                    qtype: E8Type = E8, max_unit: torch.Tensor | None = None) -> torch.Tensor:
     """Per sub-block of 16 weights of blocks ``wb`` [..., 64] the unit (scale of codebook
     magnitude 1) among ``cfg.search`` x its rms with the smallest importance-weighted
-    error, then refitted by weighted least squares with the codes held -> float [..., 4]."""
+    error, then refitted by weighted least squares with the codes held -> float [..., 4].
+    ``max_unit`` [..., 4]: no unit above it is tried."""
     x, ii = _e8_sub(wb)[..., 0, :, :, :], _e8_sub(imp)[..., 0, :, :, :]      # [..., 4, 2, 8]
-    rms = torch.clamp(x.pow(2).mean((-1, -2)).sqrt(), min=1e-30)                # [..., 4]
-    rms = rms / _e8_tables(qtype.entries)[5]     # the unit at which the sub-block's rms is the codebook's
+    rms = e8_rms_units(wb, qtype)
+    top = max_unit if max_unit is not None else torch.full_like(rms, float("inf"))
 
     def trial(unit, exact):
         """(error of the sub-blocks at ``unit`` [..., 4], their codebook points [..., 4, 2, 8])."""
@@ -403,13 +411,13 @@ def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Confi
     # smaller codebooks the exact search is about as fast (HIQ2_E8_2K: 1.2x, 1.8 % error)
     exact = cfg.exact_search or qtype.entries <= APPROXIMATE_ABOVE
     for f in cfg.search:
-        unit = torch.clamp(rms * f, min=1e-30)
+        unit = torch.clamp(torch.minimum(rms * f, top), min=1e-30)
         keep(unit, *trial(unit, exact))
     if not exact:
         best_err, best_c = trial(best, True)
     for _ in range(cfg.refits):
-        unit = torch.clamp((ii * x * best_c).sum((-1, -2)) / torch.clamp((ii * best_c * best_c).sum((-1, -2)), min=1e-30),
-                           min=1e-30)
+        unit = (ii * x * best_c).sum((-1, -2)) / torch.clamp((ii * best_c * best_c).sum((-1, -2)), min=1e-30)
+        unit = torch.clamp(torch.minimum(unit, top), min=1e-30)
         keep(unit, *trial(unit, True))
     return best
 

@@ -239,10 +239,16 @@ class BlockSequential:
         return {n: q.codes() for n, q in prev.items()}, stats
 
 
+# raised when what a method makes of a block changes, so that checkpoints of blocks made
+# before do not mix with new ones: 2 = learned lattice scales (E8Scales) in the hybrid and
+# LWC, GPTQ's bounded lattice units (GPTQConfig.unit_growth)
+BLOCKS_REVISION = 2
+
+
 def block_settings(cfg) -> tuple[str, ...]:
     """What a block's quantized result depends on, besides the weights, calibration windows
     and plan, for ``cfg`` (a ``convert.ConvertConfig``): the parts of its checkpoint key."""
-    return (cfg.method, repr(preset(cfg.preset)), *gptq_key(cfg.gptq))
+    return (cfg.method, repr(preset(cfg.preset)), *gptq_key(cfg.gptq), f"blocks-r{BLOCKS_REVISION}")
 
 
 def block_quantize_fn(method: str, model, plan: dict[str, HIQ2Type], windows: list[list[int]],

@@ -96,3 +96,38 @@ def test_activation_order_rounds_every_column_once():
     high = torch.from_numpy(high_group_flags(codes.mask)).repeat_interleave(8, dim=-1)
     levels, _ = round_to_grid(w, high, d.to(torch.float16), z)
     assert torch.equal(levels, torch.from_numpy(codes.levels).to(levels.dtype))
+
+
+def test_lattice_units_stay_bounded_under_a_massive_input():
+    """One input channel 300x the others and one weight on it 800x the row's rms, seen in
+    fewer calibration rows than columns (Qwen2.5's early ffn_down): unbounded, GPTQ's
+    feedback and the lattice's searched units grow each other and the weights run away
+    (the test checks that this case does that); with the default bound the result stays
+    near RTN's weights and no worse than RTN on held-out inputs."""
+    g = torch.Generator().manual_seed(5)
+    cols = 1024
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols ** 0.5
+
+    def inputs(n):
+        x = torch.randn(n, cols, generator=g) @ mix
+        x[:, 600] *= 300
+        return x
+
+    W = torch.randn(32, cols, generator=g) * 0.006
+    W[0, 600] = 4.8
+    X, Xt = inputs(512), inputs(4096)
+    E8 = get_type("HIQ2_E8")
+
+    def errors(Wq):
+        E = Wq - W
+        return float((E ** 2).sum() / (W ** 2).sum()), float(((Xt @ E.T) ** 2).sum() / ((Xt @ W.T) ** 2).sum())
+
+    rtn = errors(dequantize_torch(quantize_member(W, E8)).reshape(W.shape))
+    found = {}
+    for growth in (GPTQConfig().unit_growth, float("inf")):
+        gptq = GPTQ(cols, GPTQConfig(unit_growth=growth))
+        gptq.add_batch(X)
+        found[growth] = errors(dequantize_torch(gptq.quantize_as(W, E8)).reshape(W.shape))
+    assert found[float("inf")][0] > 100 * rtn[0], (found, rtn)          # the runaway, unbounded
+    bounded = found[GPTQConfig().unit_growth]
+    assert bounded[0] < 2 * rtn[0] and bounded[1] < 1.02 * rtn[1], (bounded, rtn)
