@@ -38,8 +38,8 @@ class GPTQConfig:
     # feedback left them, but never above this many times the largest unit the search
     # would try on the weights as given. Unbounded, the feedback and the units can feed
     # each other: on Qwen2.5's blk.2.ffn_down (a few weights 800x the row's rms, 8960
-    # inputs seen in 8192 calibration tokens) the rows holding those weights grew to 90x
-    # their norm and the model broke (perplexity 1080)
+    # inputs seen in 8192 calibration tokens) the squared error of the rows holding those
+    # weights grew to 90x their squared norm and the model broke (perplexity 1080)
     unit_growth: float = 2.0
 
 
