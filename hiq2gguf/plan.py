@@ -293,13 +293,8 @@ def forced_plan(names: list[str], cset: CandidateSet, bits: list[list[int]], bud
 
 
 def _forced_choice(bits: list[list[int]], budget_bits: float) -> list[int] | None:
-    """The smallest candidate everywhere, when no layer can afford any larger one and
-    none has two candidates of its smallest size (then M is not needed: e.g. a budget
-    equal to the smallest member's size). Members of equal size (HIQ2_E8 and HIQ2_H0,
-    2.5 bpw) are a choice for M: on Qwen2.5's blk.2.ffn_down HIQ2_H0 errs 10x less
-    (docs/DESIGN.md), on most weights HIQ2_E8 does."""
-    if any(b.count(min(b)) > 1 for b in bits):
-        return None
+    """The smallest candidate everywhere, when no layer can afford any larger one
+    (then M is not needed: e.g. a budget equal to the smallest member's size)."""
     floor = sum(min(b) for b in bits)
     step = min((sorted(set(b))[1] - min(b) for b in bits if len(set(b)) > 1), default=None)
     if step is None or floor + step > budget_bits:
