@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
                 "gptq": lambda: hs["calibration"].quantize_as(W, qtype, imp)}
         if isinstance(qtype, E8Type):
             def unbounded():
-                g = GPTQ(W.shape[1], replace(GPTQConfig(), unit_growth=float("inf")))
+                g = GPTQ(W.shape[1], GPTQConfig(unit_growth=float("inf")))
                 g.H, g.n = hs["calibration"].H, hs["calibration"].n
                 return g.quantize_as(W, qtype, imp)
             runs["gptq-unbounded"] = unbounded
