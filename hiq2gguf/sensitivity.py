@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hiq2gguf.gguf_io import atomic_output
 from hiq2gguf.sequential import run_block
 
 
@@ -51,11 +52,8 @@ class Checkpoint:
         self.arrays.update(arrays)
         if not self.path:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
-        with open(tmp, "wb") as f:
+        with atomic_output(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **self.arrays)
-        os.replace(tmp, self.path)
 
 
 def cache_key(params: dict[str, torch.Tensor], windows: list[list[int]], settings: dict) -> str:
