@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from hiq2gguf import data, evaluate
-from hiq2gguf.formats import FormatError, HIQ2Type
+from hiq2gguf.formats import FormatError, HIQ2Type, pack_tensor
 from hiq2gguf.plan import BudgetError, RatioConfig, check_budget, fixed_plan, optimized_plan, parse_ratios
 from hiq2gguf.gguf_io import atomic_output
 from hiq2gguf.gptq import GPTQConfig
@@ -49,9 +49,12 @@ class ConvertConfig:
     stream: bool = False                      # one block in memory at a time (safetensors source; streaming.py)
 
 
-def check_shapes(model, converter) -> dict[str, tuple[int, int]]:
+def check_weights(model, converter) -> dict[str, tuple[int, int]]:
+    """The linear weights' shapes, once every weight is finite and every linear one fits."""
     shapes = {}
     for name, p in model.named_parameters():
+        if p.device.type != "meta" and not torch.isfinite(p).all():
+            raise FormatError(f"{name}: the model's weights hold NaN or inf")
         if converter.is_linear(name):
             if p.ndim != 2 or p.shape[1] % 64:
                 raise FormatError(f"{name}: shape {tuple(p.shape)} does not fit HIQ2 "
@@ -88,7 +91,7 @@ class Conversion:
         _log(cfg, f"loading {self.source.path}" + ("" if weights else " (shapes only)"))
         self.model, self.tokenizer = model_io.load(self.source, weights)
         self.converter = converter_for(self.model.config)
-        self.shapes = check_shapes(self.model, self.converter)
+        self.shapes = check_weights(self.model, self.converter)
         add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
         self.bos = self.tokenizer.bos_token_id if add_bos else None
         self._float = self._float_copy() if weights else {}
@@ -417,7 +420,7 @@ def quantize_model(model, converter, plan: dict[str, HIQ2Type], quantize_fn: Cal
     for name in tqdm(list(plan), desc="quantize", unit="layer", disable=not progress):
         p, qtype = params[name], plan[name]
         codes = (quantize_fn or _plain_rtn)(name, p.data, qtype)
-        packed[name] = PackedTensor(qtype=qtype, raw=qtype.pack(codes), shape=tuple(p.shape))
+        packed[name] = PackedTensor(qtype=qtype, raw=pack_tensor(name, qtype, codes), shape=tuple(p.shape))
         with torch.no_grad():
             p.data.copy_(dequantize_torch(codes))
     return packed, quantize_embeddings(model, converter)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hiq2gguf.formats import ALL_TYPES, BLOCK, HIQ2_TYPES, E8Type, FormatError, HIQ2Type, get_type, max_bpw, min_bpw
+from hiq2gguf.model_io import ModelSourceError
 from hiq2gguf.optimize import RatioProblem, solve
 from hiq2gguf.quantize import E8Config, RTNConfig, dequantize_torch, quantize_e8, quantize_rtn_members
 
@@ -261,6 +262,9 @@ def solve_plan(names: list[str], cset: CandidateSet, bits: list[list[int]], budg
         M, shrinkage = GradientProjection.shrink_cross_layer(rows, layer)
         if shrinkage < 1.0:        # cross-layer part = (1 - lambda) P^T P / S: rank S, a small factor
             factor = np.asarray(rows, dtype=np.float64) * np.sqrt((1.0 - shrinkage) / len(rows))
+    if not np.isfinite(M).all():
+        raise ModelSourceError("the loss model is not finite: the calibration's gradients overflowed "
+                               "(weights or activations beyond float32's range?)")
     problem = RatioProblem(bits=bits, M=M, budget_bits=budget_bits, factor=factor)
     sol = solve(problem, cfg.solver, time_limit=cfg.time_limit)
     plan = {n: cs[c].qtype for n, cs, c in zip(names, layers, sol.choice)}

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hiq2gguf.formats import Codes, HIQ2Type, get_type
+from hiq2gguf.formats import Codes, HIQ2Type, get_type, pack_tensor
 from hiq2gguf.gguf_io import atomic_output
 
 STATE_FILE = "state.pt"
@@ -215,7 +215,7 @@ class ResumableQuantizeFn:
         self.pending[name] = codes
         names = self.names_of[b]
         if all(n in self.pending for n in names):
-            packed = {n: (self.plan[n], self.plan[n].pack(self.pending.pop(n))) for n in names}
+            packed = {n: (self.plan[n], pack_tensor(n, self.plan[n], self.pending.pop(n))) for n in names}
             self.store.save(b, packed, sequential_state(self.inner) if self.stateful else {})
             self.n_done = b + 1
         return codes

@@ -78,6 +78,8 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
                 if t.numel() and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - begin:
                     raise StreamingError(f"{path.name}: truncated at {n}")
                 out[n] = t.to(torch.float32)
+                if not torch.isfinite(out[n]).all():
+                    raise StreamingError(f"{path.name}: {n} holds NaN or inf")
     return out
 
 

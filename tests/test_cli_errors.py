@@ -7,6 +7,7 @@ import sys
 
 import gguf
 import pytest
+import torch
 
 from tests.conftest import make_tiny_llama
 
@@ -72,6 +73,29 @@ def test_shape_that_does_not_fit(out_dir, tmp_path, smollm_tokenizer):
     d = make_tiny_llama(tmp_path / "odd", smollm_tokenizer, hidden=96, intermediate=128, heads=4, kv_heads=2)
     r = cli("convert", d, "-o", out_dir / "x.gguf", "--bpw", "3", "--no-eval", "--calib-windows", "1")
     assert_clean_failure(r, out_dir, "q_proj", "multiple of 64")
+
+
+@pytest.mark.parametrize("value, strategy, phrase", [
+    (float("nan"), "optimized", "weights hold NaN or inf"),
+    (1e9, "optimized", "loss model is not finite"),                       # gradients overflow
+    (1e9, "fixed", "HIQ2_H2: weights too large for a float16 block scale"),   # no gradients: at packing
+])
+def test_weights_that_do_not_fit(out_dir, tmp_path, smollm_tokenizer, value, strategy, phrase):
+    from transformers import LlamaForCausalLM
+
+    d = make_tiny_llama(tmp_path / "bad", smollm_tokenizer)
+    model = LlamaForCausalLM.from_pretrained(d)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = value
+    model.save_pretrained(d)
+    r = cli("convert", d, "-o", out_dir / "x.gguf", "--bpw", "3", "--no-eval", "--calib-windows", "1",
+            "--method", "rtn", "--ratio-strategy", strategy, "--no-cache")
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("hiq2gguf: error: ") and phrase in last, last
+    if strategy == "fixed" or value != value:
+        assert "model.layers.1.mlp.down_proj.weight" in last, last
+    assert not (out_dir / "x.gguf").exists()
 
 
 def test_not_a_gguf(tmp_path):

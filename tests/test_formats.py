@@ -103,6 +103,19 @@ def test_shape_errors():
     assert min_bpw() == 2.5
 
 
+@pytest.mark.parametrize("name", ["HIQ2_H0", "HIQ2_H3", "HIQ2_E8", "HIQ2_E8_8K"])
+def test_weights_beyond_a_float16_scale_are_refused(name):
+    """The reference quantizer's block scale of |w| = 1e7 overflows float16: packing
+    refuses it rather than store an inf that decodes to inf/NaN; 1e4 still packs."""
+    t = get_type(name)
+    x = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32)
+    x[1, 70] = 1e4
+    assert np.isfinite(t.dequantize(t.quantize_ref(x))).all()
+    x[1, 70] = 1e7
+    with pytest.raises(FormatError, match="too large for a float16 block scale"):
+        t.quantize_ref(x)
+
+
 def test_bad_mask_rejected():
     t = get_type("HIQ2_H1")
     raw = t.quantize_ref(np.ones((1, 64), dtype=np.float32))

@@ -143,7 +143,7 @@ class Files:
         return self._loaded
 
     def _write(self, path: Path, packed_type: str | None) -> None:
-        from hiq2gguf.convert import check_shapes, quantize_model
+        from hiq2gguf.convert import check_weights, quantize_model
         from hiq2gguf.writer import write_gguf
 
         model, tokenizer, source, converter, original = self._model()
@@ -151,7 +151,7 @@ class Files:
         packed, stock = {}, {}
         if packed_type is not None:
             qtype = get_type(packed_type)
-            plan = {name: qtype for name in check_shapes(model, converter)}
+            plan = {name: qtype for name in check_weights(model, converter)}
 
             def reference_codes(name, w, _qtype):   # the C/numpy reference quantizer: fast
                 return qtype.unpack(qtype.quantize_ref(w.numpy()))
