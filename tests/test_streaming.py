@@ -210,7 +210,7 @@ def test_stream_refuses_what_it_cannot_do(tmp_path):
 def test_reads_safetensors_without_a_memory_map(tmp_path):
     from safetensors.torch import save_file
 
-    from hiq2gguf.streaming import _read, safetensors_index
+    from hiq2gguf.streaming import StreamingError, _read, safetensors_index
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(5, 7, generator=g), "b": torch.randn(64, generator=g).to(torch.bfloat16),
@@ -223,6 +223,11 @@ def test_reads_safetensors_without_a_memory_map(tmp_path):
         assert got[n].dtype == torch.float32 and torch.equal(got[n], t.to(torch.float32))
     maps = Path("/proc/self/maps").read_text()
     assert "x.safetensors" not in maps
+    tensors["a"][2, 3] = float("nan")
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    assert torch.equal(_read(files, ["b"])["b"], tensors["b"].to(torch.float32))
+    with pytest.raises(StreamingError, match="a holds NaN or inf"):
+        _read(files, ["a"])
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3_text"])
