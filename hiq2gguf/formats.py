@@ -29,17 +29,15 @@ class FormatError(ValueError):
     """Data that does not fit, or does not decode as, an HIQ2 tensor."""
 
 
-def check_scales(qtype, d: np.ndarray) -> None:
-    """Every block scale a finite float16: weights too large for one (|w| beyond ~10^5)
-    would be stored as inf and decode to inf/NaN in every kernel."""
-    if not np.isfinite(np.asarray(d).astype(np.float16)).all():
-        raise FormatError(f"{qtype.name}: weights too large for a float16 block scale "
-                          f"(a block's scale exceeds {float(np.finfo(np.float16).max):.0f})")
-
-
 def pack_tensor(name: str, qtype, codes) -> np.ndarray:
-    """``qtype.pack(codes)``; a failure names the tensor."""
+    """``qtype.pack(codes)`` for a file: only valid rows (every block scale a finite
+    float16), and a failure names the tensor. ``pack`` itself, like the C reference
+    quantizer it matches bit for bit, stores any scale: weights too large for a float16
+    one (|w| beyond ~10^5) become an inf that decodes to inf/NaN in every kernel."""
     try:
+        if not np.isfinite(np.asarray(codes.d).astype(np.float16)).all():
+            raise FormatError(f"{qtype.name}: weights too large for a float16 block scale "
+                              f"(a block's scale exceeds {float(np.finfo(np.float16).max):.0f})")
         return qtype.pack(codes)
     except FormatError as e:
         raise FormatError(f"{name}: {e}") from None
@@ -131,7 +129,6 @@ class HIQ2Type:
     def pack(self, codes: Codes) -> np.ndarray:
         """Codes -> uint8 [rows, nblocks * type_size], the bytes the file stores."""
         rows, nb = codes.d.shape
-        check_scales(self, codes.d)
         high = high_group_flags(codes.mask)                      # [r, nb, 8]
         if (high.sum(-1) != self.n_high).any():
             raise FormatError(f"{self.name}: every block mask needs exactly {self.n_high} bits set")
@@ -345,7 +342,6 @@ class E8Type:
 
     def pack(self, codes: E8Codes) -> np.ndarray:
         rows, nb = codes.d.shape
-        check_scales(self, codes.d)
         q = codes.scales.astype(np.int64)
         if ((q < 1) | (q > E8_SCALE_STEPS)).any():
             raise FormatError(f"{self.name}: sub-scales must lie in 1..{E8_SCALE_STEPS}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hiq2gguf.formats import E8, E8_TYPES, FormatError, e8_grid, e8_parity, get_type
+from hiq2gguf.formats import E8, E8_TYPES, e8_grid, e8_parity, get_type
 from hiq2gguf.gptq import GPTQ
 from hiq2gguf.quantize import _coset_round, _e8_tables, dequantize_torch, e8_round, e8_values, quantize_e8, quantize_member, quantize_rtn
 from tests.test_gptq import correlated_inputs
@@ -147,15 +147,9 @@ def test_larger_codebooks_store_weights_better():
 def test_codebooks_are_prefixes_and_the_layouts_fit():
     assert np.array_equal(e8_grid(8192)[:2048], e8_grid(2048)) and np.array_equal(e8_grid(2048)[:512], e8_grid(512))
     assert [t.type_size for t in E8_TYPES] == [20, 22, 24] and [t.type_id for t in E8_TYPES] == [109, 110, 111]
-    for t in E8_TYPES:             # every bit pattern of sub-scales and codes decodes (and packs back to itself)
-        rng = np.random.default_rng(t.type_id)
-        raw = rng.integers(0, 256, (5, 4 * t.type_size), dtype=np.uint8)
-        blocks = raw.reshape(5, 4, t.type_size)
-        blocks[..., :2] = rng.uniform(0, 1000, (5, 4)).astype("<f2")[..., None].view(np.uint8)   # a valid d
+    for t in E8_TYPES:             # every bit pattern decodes (and packs back to itself)
+        raw = np.random.default_rng(t.type_id).integers(0, 256, (5, 4 * t.type_size), dtype=np.uint8)
         assert np.array_equal(t.pack(t.unpack(raw)), raw)
-        blocks[2, 1, :2] = np.array([np.inf], dtype="<f2").view(np.uint8)
-        with pytest.raises(FormatError, match="float16 block scale"):
-            t.pack(t.unpack(raw))
 
 
 @pytest.mark.parametrize("entries", [512, 2048])

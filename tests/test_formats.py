@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hiq2gguf.formats import (BLOCK, HIQ2_TYPES, Codes, FormatError, get_type, min_bpw,
+from hiq2gguf.formats import (BLOCK, HIQ2_TYPES, Codes, FormatError, get_type, min_bpw, pack_tensor,
                               register_with_gguf)
 
 TYPES = list(HIQ2_TYPES.values())
@@ -104,16 +104,22 @@ def test_shape_errors():
 
 
 @pytest.mark.parametrize("name", ["HIQ2_H0", "HIQ2_H3", "HIQ2_E8", "HIQ2_E8_8K"])
-def test_weights_beyond_a_float16_scale_are_refused(name):
-    """The reference quantizer's block scale of |w| = 1e7 overflows float16: packing
-    refuses it rather than store an inf that decodes to inf/NaN; 1e4 still packs."""
+def test_weights_beyond_a_float16_scale_are_not_written(name):
+    """The reference quantizer's block scale of |w| = 1e7 overflows float16: ``pack``
+    stores the inf as the C quantizer does (bytes unchanged through unpack), but a file's
+    tensor (``pack_tensor``) refuses it, naming the tensor; 1e4 still fits."""
     t = get_type(name)
     x = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32)
     x[1, 70] = 1e4
+    codes = t.unpack(t.quantize_ref(x))
+    assert np.array_equal(pack_tensor("w", t, codes), t.quantize_ref(x))
     assert np.isfinite(t.dequantize(t.quantize_ref(x))).all()
     x[1, 70] = 1e7
-    with pytest.raises(FormatError, match="too large for a float16 block scale"):
-        t.quantize_ref(x)
+    with np.errstate(over="ignore"):
+        raw = t.quantize_ref(x)
+    assert np.array_equal(t.pack(t.unpack(raw)), raw) and np.isinf(t.unpack(raw).d).any()
+    with pytest.raises(FormatError, match="^blk.0.w: .*too large for a float16 block scale"):
+        pack_tensor("blk.0.w", t, t.unpack(raw))
 
 
 def test_bad_mask_rejected():
