@@ -20,6 +20,7 @@ from hiq2gguf import data, evaluate
 from hiq2gguf.formats import FormatError, HIQ2Type, pack_tensor
 from hiq2gguf.plan import BudgetError, RatioConfig, check_budget, fixed_plan, optimized_plan, parse_ratios
 from hiq2gguf.gguf_io import atomic_output
+from hiq2gguf.model_io import ModelSourceError
 from hiq2gguf.gptq import GPTQConfig
 from hiq2gguf.quantize import dequantize_torch, quantize_member
 from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
@@ -54,7 +55,7 @@ def check_weights(model, converter) -> dict[str, tuple[int, int]]:
     shapes = {}
     for name, p in model.named_parameters():
         if p.device.type != "meta" and not torch.isfinite(p).all():
-            raise FormatError(f"{name}: the model's weights hold NaN or inf")
+            raise ModelSourceError(f"{name}: the weights hold NaN or inf")
         if converter.is_linear(name):
             if p.ndim != 2 or p.shape[1] % 64:
                 raise FormatError(f"{name}: shape {tuple(p.shape)} does not fit HIQ2 "

@@ -79,7 +79,7 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
                     raise StreamingError(f"{path.name}: truncated at {n}")
                 out[n] = t.to(torch.float32)
                 if not torch.isfinite(out[n]).all():
-                    raise StreamingError(f"{path.name}: {n} holds NaN or inf")
+                    raise StreamingError(f"{path.name}: {n}: the weights hold NaN or inf")
     return out
 
 

@@ -76,7 +76,7 @@ def test_shape_that_does_not_fit(out_dir, tmp_path, smollm_tokenizer):
 
 
 @pytest.mark.parametrize("value, strategy, phrase", [
-    (float("nan"), "optimized", "weights hold NaN or inf"),
+    (float("nan"), "optimized", "the weights hold NaN or inf"),
     (1e9, "optimized", "loss model is not finite"),                       # gradients overflow
     (1e9, "fixed", "HIQ2_H2: weights too large for a float16 block scale"),   # no gradients: at packing
 ])
