@@ -224,10 +224,7 @@ def select_mask(score: np.ndarray, n_high: int) -> np.ndarray:
 
 # ---- HIQ2_E8*: the lattice-coded members (docs/FORMAT.md, "HIQ2_E8") ---------------
 E8_ENTRIES = 512          # HIQ2_E8's codebook (9-bit index); larger members extend it
-E8_SUB = 16               # weights per 4-bit sub-scale
-E8_N_SUB = BLOCK // E8_SUB
 E8_SCALE_STEPS = 16       # sub-scale q in 1..16: the group's unit is d q / 16
-E8_BASE_BYTES = 2 + E8_N_SUB // 2 + 2 * N_GROUPS     # fp16 d, 4 nibbles, 8 x u16 codes = 20
 E8_LOW_BITS = 9           # index bits in a group's u16 code; the rest of a larger index follows it
 
 
@@ -270,10 +267,10 @@ class E8Codes:
     ``index`` picks each group's magnitude vector in the member's codebook
     (``e8_grid(entries)``); ``negative`` is every weight's sign bit (the 8th of a group is
     implied by the lattice rule and must agree with it); ``scales`` are the sub-scales
-    q in 1..16."""
+    q in 1..16 (4 per block, or 2 for HIQ2_E8_XS: each covers 64 / n_sub weights)."""
 
     d: np.ndarray         # float16 [rows, nb]
-    scales: np.ndarray    # uint8   [rows, nb, 4]
+    scales: np.ndarray    # uint8   [rows, nb, n_sub]
     index: np.ndarray     # uint16  [rows, nb, 8]
     negative: np.ndarray  # bool    [rows, nb, 64]
     entries: int = E8_ENTRIES
@@ -282,7 +279,7 @@ class E8Codes:
         """q * (+-m) of every weight -> int32 [rows, nb, 64] (|.| <= 16 x 9)."""
         rows, nb = self.d.shape
         m = e8_grid(self.entries)[self.index.astype(np.int64)].astype(np.int32).reshape(rows, nb, BLOCK)
-        q = np.repeat(self.scales.astype(np.int32), E8_SUB, axis=-1)
+        q = np.repeat(self.scales.astype(np.int32), BLOCK // self.scales.shape[-1], axis=-1)
         return np.where(self.negative, -m, m) * q
 
     def dequantize(self) -> np.ndarray:
@@ -294,10 +291,13 @@ class E8Codes:
 
 @dataclass(frozen=True)
 class E8Type:
-    """HIQ2_E8*: 64-weight blocks of 8 E8-lattice codes under 4 sub-scales; the codebook
-    has 2^index_bits entries (9: HIQ2_E8, 2.5 bpw; 11: 2.75; 13: 3.0)."""
+    """HIQ2_E8*: 64-weight blocks of 8 E8-lattice codes under ``n_sub`` 4-bit sub-scales
+    (4, or 2 for HIQ2_E8_XS); the codebook has 2^index_bits entries (9: HIQ2_E8, 2.5 bpw,
+    HIQ2_E8_XS 2.375; 11: 2.75; 13: 3.0)."""
 
+    type_id: int
     index_bits: int
+    n_sub: int = 4
 
     block_size = BLOCK
     ratio = 0.0                                         # no high groups
@@ -307,21 +307,33 @@ class E8Type:
         return 1 << self.index_bits
 
     @property
+    def sub(self) -> int:
+        """Weights per sub-scale (16, or 32 for HIQ2_E8_XS)."""
+        return BLOCK // self.n_sub
+
+    @property
     def ext_bits(self) -> int:
         """Index bits per group beyond the 9 in its u16 code (stored after the codes)."""
         return self.index_bits - E8_LOW_BITS
 
     @property
-    def type_id(self) -> int:
-        return FIRST_TYPE_ID + N_GROUPS + 1 + self.ext_bits // 2
+    def name(self) -> str:
+        return ("HIQ2_E8" + ("" if self.ext_bits == 0 else f"_{self.entries // 1024}K")
+                + ("" if self.n_sub == 4 else "_XS"))
 
     @property
-    def name(self) -> str:
-        return "HIQ2_E8" + ("" if self.ext_bits == 0 else f"_{self.entries // 1024}K")
+    def codes_at(self) -> int:
+        """Byte offset of the group codes: after fp16 d and the sub-scale nibbles."""
+        return 2 + self.n_sub // 2
+
+    @property
+    def base_bytes(self) -> int:
+        """The block without the extension bytes (20; HIQ2_E8_XS 19)."""
+        return self.codes_at + 2 * N_GROUPS
 
     @property
     def type_size(self) -> int:
-        return E8_BASE_BYTES + N_GROUPS * self.ext_bits // 8
+        return self.base_bytes + N_GROUPS * self.ext_bits // 8
 
     @property
     def bpw(self) -> float:
@@ -343,6 +355,8 @@ class E8Type:
     def pack(self, codes: E8Codes) -> np.ndarray:
         rows, nb = codes.d.shape
         q = codes.scales.astype(np.int64)
+        if q.shape != (rows, nb, self.n_sub):
+            raise FormatError(f"{self.name}: sub-scales {q.shape}, want {(rows, nb, self.n_sub)}")
         if ((q < 1) | (q > E8_SCALE_STEPS)).any():
             raise FormatError(f"{self.name}: sub-scales must lie in 1..{E8_SCALE_STEPS}")
         idx = codes.index.astype(np.int64)
@@ -355,25 +369,25 @@ class E8Type:
         out = np.zeros((rows, nb, self.type_size), dtype=np.uint8)
         out[..., 0:2] = codes.d.astype("<f2").view(np.uint8).reshape(rows, nb, 2)
         nib = (q - 1).astype(np.uint8)
-        out[..., 2] = nib[..., 0] | (nib[..., 1] << 4)
-        out[..., 3] = nib[..., 2] | (nib[..., 3] << 4)
+        out[..., 2:self.codes_at] = nib[..., 0::2] | (nib[..., 1::2] << 4)
         low = idx & ((1 << E8_LOW_BITS) - 1)
         code = low | ((neg[..., :GROUP - 1] << np.arange(9, 16)).sum(-1))
-        out[..., 4:E8_BASE_BYTES] = code.astype("<u2").view(np.uint8).reshape(rows, nb, 2 * N_GROUPS)
+        out[..., self.codes_at:self.base_bytes] = code.astype("<u2").view(np.uint8).reshape(rows, nb, 2 * N_GROUPS)
         if self.ext_bits:
             ext = ((idx >> E8_LOW_BITS) << (self.ext_bits * np.arange(N_GROUPS))).sum(-1)   # < 2^32
-            out[..., E8_BASE_BYTES:] = ext.astype("<u4").view(np.uint8).reshape(rows, nb, 4)[
-                ..., :self.type_size - E8_BASE_BYTES]
+            out[..., self.base_bytes:] = ext.astype("<u4").view(np.uint8).reshape(rows, nb, 4)[
+                ..., :self.type_size - self.base_bytes]
         return out.reshape(rows, nb * self.type_size)
 
     def unpack(self, raw: np.ndarray) -> E8Codes:
         b, d = _blocks_and_scales(raw, self)
         rows, nb = d.shape
-        scales = np.stack([b[..., 2] & 15, b[..., 2] >> 4, b[..., 3] & 15, b[..., 3] >> 4], -1) + 1
-        code = b[..., 4:E8_BASE_BYTES].copy().view("<u2").reshape(rows, nb, N_GROUPS).astype(np.int64)
+        nib = b[..., 2:self.codes_at]
+        scales = np.stack([nib & 15, nib >> 4], -1).reshape(rows, nb, self.n_sub) + 1
+        code = b[..., self.codes_at:self.base_bytes].copy().view("<u2").reshape(rows, nb, N_GROUPS).astype(np.int64)
         index = code & ((1 << E8_LOW_BITS) - 1)
         if self.ext_bits:
-            ext_bytes = b[..., E8_BASE_BYTES:].astype(np.int64)
+            ext_bytes = b[..., self.base_bytes:].astype(np.int64)
             ext = (ext_bytes << (8 * np.arange(ext_bytes.shape[-1]))).sum(-1)
             index |= ((ext[..., None] >> (self.ext_bits * np.arange(N_GROUPS))) & ((1 << self.ext_bits) - 1)) \
                 << E8_LOW_BITS
@@ -394,15 +408,15 @@ class E8Type:
         rows = x.shape[0]
         xb = x.reshape(rows, -1, BLOCK)
         nb = xb.shape[1]
-        s = np.abs(xb).reshape(rows, nb, E8_N_SUB, E8_SUB).max(-1) / np.float32(self.ref_amax)
+        s = np.abs(xb).reshape(rows, nb, self.n_sub, self.sub).max(-1) / np.float32(self.ref_amax)
         d = s.max(-1).astype(np.float16)
         df = d.astype(np.float32)
         zero = df == 0
         with np.errstate(divide="ignore", invalid="ignore"):
             qf = np.floor(s / df[..., None] * np.float32(16) + np.float32(0.5))
         q = np.where(zero[..., None], 1, np.clip(qf, 1, E8_SCALE_STEPS)).astype(np.uint8)
-        unit = df[..., None] * q.astype(np.float32) / np.float32(16)           # [r, nb, 4]
-        unit = np.repeat(unit, E8_SUB // GROUP, axis=-1)                        # per group
+        unit = df[..., None] * q.astype(np.float32) / np.float32(16)           # [r, nb, n_sub]
+        unit = np.repeat(unit, self.sub // GROUP, axis=-1)                      # per group
         g = xb.reshape(-1, GROUP)
         with np.errstate(divide="ignore", invalid="ignore"):
             a = (np.abs(g) / unit.reshape(-1, 1)).astype(np.float32)
@@ -431,10 +445,13 @@ class E8Type:
                                  negative=neg.reshape(rows, nb, BLOCK), entries=self.entries))
 
 
-E8 = E8Type(9)
-E8_2K = E8Type(11)
-E8_8K = E8Type(13)
-E8_TYPES = (E8, E8_2K, E8_8K)
+E8 = E8Type(FIRST_TYPE_ID + N_GROUPS + 1, 9)           # 109
+E8_2K = E8Type(E8.type_id + 1, 11)
+E8_8K = E8Type(E8.type_id + 2, 13)
+# below 2.5 bpw: one sub-scale per 32 weights, so that a plan at 2.5 can pay for
+# larger members where they matter most (as llama-quantize's IQ2_S/IQ2_M mixes do)
+E8_XS = E8Type(E8.type_id + 3, 9, n_sub=2)              # 112
+E8_TYPES = (E8, E8_2K, E8_8K, E8_XS)
 
 HIQ2_TYPES: dict[int, HIQ2Type] = {t.type_id: t for t in (HIQ2Type(h) for h in range(N_GROUPS + 1))}
 # every tensor type of ours, the H family and the lattice member

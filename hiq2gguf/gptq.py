@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hiq2gguf.formats import (BLOCK, E8, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, N_GROUPS, Codes, E8Codes, E8Type,
+from hiq2gguf.formats import (BLOCK, E8, E8_SCALE_STEPS, GROUP, N_GROUPS, Codes, E8Codes, E8Type,
                               HIQ2Type)
 from hiq2gguf.quantize import (E8Config, RTNConfig, codes_from_tensors, e8_codes, e8_decoded, e8_round, e8_values,
                                e8_rms_units, floored_importance, round_to_grid, search_block_grid, search_e8_units,
@@ -145,7 +145,7 @@ class GPTQ:
         imp = floored_importance(importance, weight, RTNConfig(importance_floor=cfg.importance_floor))
         max_units = self.cfg.unit_growth * max(cfg.search) * e8_rms_units(W.reshape(rows, nb, BLOCK), qtype)
         d_all = torch.zeros(rows, nb, dtype=torch.float16)
-        q_all = torch.ones(rows, nb, E8_N_SUB)
+        q_all = torch.ones(rows, nb, qtype.n_sub)
         idx_all = torch.zeros(rows, nb, N_GROUPS, dtype=torch.int64)
         neg_all = torch.zeros(rows, nb, BLOCK, dtype=torch.bool)
         for c0 in range(0, cols, BLOCK):
@@ -163,7 +163,7 @@ class GPTQ:
             df = d.to(torch.float32)
             for g in range(N_GROUPS):
                 g0, g1 = g * GROUP, (g + 1) * GROUP
-                qg = q[:, g0 // E8_SUB]
+                qg = q[:, g0 // qtype.sub]
                 unit = df * qg / E8_SCALE_STEPS
                 unit = torch.where(unit > 0, unit, torch.ones_like(unit))
                 idx, neg = e8_round(W1[:, g0:g1] / unit[:, None], metric[g0:g1].expand(rows, GROUP), qtype.entries)

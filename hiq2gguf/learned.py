@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hiq2gguf.formats import (E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP, Codes, E8Codes, E8Type, HIQ2Type,
+from hiq2gguf.formats import (E8_SCALE_STEPS, GROUP, LOW_STEP, Codes, E8Codes, E8Type, HIQ2Type,
                               high_group_flags)
 from hiq2gguf.gptq import GPTQ
 from hiq2gguf.quantize import (RTNConfig, _blocks, codes_from_tensors, dequantize_torch, e8_codes, e8_decoded,
@@ -231,8 +231,9 @@ class AdaRound(LearnedQuantizer):
 
 class E8Scales(LearnedQuantizer):
     """Learned sub-block scales of a lattice-coded weight (HIQ2_E8*), its codes held:
-    the unit of each 16 weights is exp(log_unit), stored as the file does (fp16 block
-    maximum d, steps q = round(16 unit / d) in 1..16, both straight-through), so the
+    the unit of each sub-block (16 or 32 weights) is exp(log_unit), stored as the file
+    does (fp16 block maximum d, steps q = round(16 unit / d) in 1..16, both
+    straight-through), so the
     trained weights are exactly the exported ones. A lattice code has no levels to
     round differently; the scales are what reconstruction can still move.
     ``lr_scale``: Adam's step on log_unit is the stage's learning rate times this."""
@@ -248,7 +249,7 @@ class E8Scales(LearnedQuantizer):
         values = e8_values(self.index, self.negative.reshape(rows, nb, -1, GROUP), codes.entries)
         self.register_buffer("values", values.reshape(rows, nb, -1))                     # [r, nb, 64]
         unit = (torch.from_numpy(codes.d.astype("float32"))[..., None]
-                * torch.from_numpy(codes.scales.astype("float32")) / E8_SCALE_STEPS)       # [r, nb, 4]
+                * torch.from_numpy(codes.scales.astype("float32")) / E8_SCALE_STEPS)       # [r, nb, n_sub]
         self.register_buffer("zero", (unit <= 0).all(-1))                                  # d = 0: stays 0
         self.register_buffer("log_unit0", torch.log(torch.where(unit > 0, unit, torch.ones_like(unit))))
         self.delta = nn.Parameter(torch.zeros_like(unit))
@@ -257,7 +258,7 @@ class E8Scales(LearnedQuantizer):
         return torch.exp(self.log_unit0 + self.delta * self.lr_scale)
 
     def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d [r, nb], q [r, nb, 4]) as the file stores them, straight-through."""
+        """(d [r, nb], q [r, nb, n_sub]) as the file stores them, straight-through."""
         unit = self._units()
         d = fp16_ste(unit.amax(-1))
         q = torch.clamp(round_ste(unit / _safe(d.detach())[..., None] * E8_SCALE_STEPS), 1, E8_SCALE_STEPS)
@@ -265,7 +266,7 @@ class E8Scales(LearnedQuantizer):
 
     def forward(self) -> torch.Tensor:
         d, q = self._stored()
-        w = e8_decoded(d[..., None], q.repeat_interleave(E8_SUB, dim=-1), self.values)
+        w = e8_decoded(d[..., None], q.repeat_interleave(self.qtype.sub, dim=-1), self.values)
         return w.reshape(w.shape[0], -1)
 
     @torch.no_grad()

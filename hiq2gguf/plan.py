@@ -33,7 +33,7 @@ def layer_bits(shape: tuple[int, int], t: HIQ2Type) -> int:
 def check_budget(bpw: float) -> None:
     if bpw < min_bpw() - 1e-9:
         raise BudgetError(f"--bpw {bpw:g} is below the smallest HIQ2 size: the minimum is "
-                          f"{min_bpw():.2f} bits per weight (the largest member is {max_bpw():.2f})")
+                          f"{min_bpw():g} bits per weight (the largest member is {max_bpw():g})")
 
 
 def fixed_ratio_type(bpw: float) -> HIQ2Type:
@@ -41,6 +41,9 @@ def fixed_ratio_type(bpw: float) -> HIQ2Type:
     paper's fixed ratio)."""
     check_budget(bpw)
     fitting = [t for t in HIQ2_TYPES.values() if t.bpw <= bpw + 1e-9]
+    if not fitting:
+        raise BudgetError(f"--bpw {bpw:g}: the fixed ratio needs at least {HIQ2_TYPES[min(HIQ2_TYPES)].bpw:.2f} "
+                          "bits per weight (HIQ2_H0); below that only the optimized plan can use HIQ2_E8_XS")
     return max(fitting, key=lambda t: t.n_high)
 
 
@@ -124,7 +127,7 @@ class CandidateSet:
 def hiq2_candidates(names, fisher, bpw: float, cfg: RatioConfig) -> CandidateSet:
     """The same members for every weight: ``cfg.ratios``, or those within 1 bpw of the budget."""
     types = parse_ratios(cfg.ratios) if cfg.ratios else candidate_types(bpw)
-    fixed = fixed_ratio_type(bpw) if bpw >= min_bpw() - 1e-9 else None
+    fixed = fixed_ratio_type(bpw) if any(t.bpw <= bpw + 1e-9 for t in HIQ2_TYPES.values()) else None
     return CandidateSet({n: [HIQ2Candidate(t, fisher) for t in types] for n in names},
                         {"candidates": tuple(t.name for t in types), "rtn": repr(ESTIMATE_RTN),
                          **({"e8": repr(ESTIMATE_E8)} if any(isinstance(t, E8Type) for t in types) else {})},
@@ -175,7 +178,8 @@ def parse_ratios(spec: str) -> list[HIQ2Type]:
             try:
                 t = get_type(name)
             except FormatError:
-                raise BudgetError(f"--ratios: unknown member {item!r} (HIQ2_H0 .. HIQ2_H8, HIQ2_E8)") from None
+                raise BudgetError(f"--ratios: unknown member {item!r} "
+                                  "(HIQ2_H0 .. HIQ2_H8, HIQ2_E8, HIQ2_E8_2K, _8K, _XS)") from None
         else:
             try:
                 r = float(item)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hiq2gguf.formats import (BLOCK, E8, E8_ENTRIES, E8_N_SUB, E8_SCALE_STEPS, E8_SUB, GROUP, LOW_STEP,
+from hiq2gguf.formats import (BLOCK, E8, E8_ENTRIES, E8_SCALE_STEPS, GROUP, LOW_STEP,
                               N_GROUPS, Codes, E8Codes, E8Type, FormatError, HIQ2Type, e8_grid, e8_parity)
 
 # Candidate shrink factors for the block range [lo, hi]: RTN searches them and
@@ -356,7 +356,7 @@ def e8_decoded(d: torch.Tensor, q: torch.Tensor, values: torch.Tensor) -> torch.
 
 
 def store_e8_units(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sub-block units [..., 4] -> as the file stores them: (d fp16 [...], q [..., 4] in 1..16),
+    """Sub-block units [..., n_sub] -> as the file stores them: (d fp16 [...], q [..., n_sub] in 1..16),
     d = fp16(max unit), unit = d q / 16."""
     d = units.amax(-1).to(torch.float16)
     df = d.to(torch.float32)[..., None]
@@ -365,30 +365,30 @@ def store_e8_units(units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return d, torch.where(df > 0, q, torch.ones_like(q))
 
 
-def _e8_sub(x: torch.Tensor) -> torch.Tensor:
-    """[..., 64k] -> [..., k, 4, 2, 8]: blocks, sub-blocks, groups."""
-    return x.reshape(*x.shape[:-1], -1, E8_N_SUB, E8_SUB // GROUP, GROUP)
+def _e8_sub(x: torch.Tensor, qtype: E8Type) -> torch.Tensor:
+    """[..., 64k] -> [..., k, n_sub, groups per sub-block, 8]: blocks, sub-blocks, groups."""
+    return x.reshape(*x.shape[:-1], -1, qtype.n_sub, qtype.sub // GROUP, GROUP)
 
 
 def e8_rms_units(wb: torch.Tensor, qtype: E8Type = E8) -> torch.Tensor:
-    """Per sub-block of 16 weights of blocks ``wb`` [..., 64] the unit at which its root
-    mean square is the codebook's -> float [..., 4] (the scale search's reference)."""
-    rms = torch.clamp(_e8_sub(wb)[..., 0, :, :, :].pow(2).mean((-1, -2)).sqrt(), min=1e-30)
+    """Per sub-block (16 or 32 weights) of blocks ``wb`` [..., 64] the unit at which its root
+    mean square is the codebook's -> float [..., n_sub] (the scale search's reference)."""
+    rms = torch.clamp(_e8_sub(wb, qtype)[..., 0, :, :, :].pow(2).mean((-1, -2)).sqrt(), min=1e-30)
     return rms / _e8_tables(qtype.entries)[5]
 
 
 def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Config(),
                     qtype: E8Type = E8, max_unit: torch.Tensor | None = None) -> torch.Tensor:
-    """Per sub-block of 16 weights of blocks ``wb`` [..., 64] the unit (scale of codebook
-    magnitude 1) among ``cfg.search`` x its rms with the smallest importance-weighted
-    error, then refitted by weighted least squares with the codes held -> float [..., 4].
-    ``max_unit`` [..., 4]: no unit above it is tried."""
-    x, ii = _e8_sub(wb)[..., 0, :, :, :], _e8_sub(imp)[..., 0, :, :, :]      # [..., 4, 2, 8]
+    """Per sub-block of blocks ``wb`` [..., 64] the unit (scale of codebook magnitude 1)
+    among ``cfg.search`` x its rms with the smallest importance-weighted error, then
+    refitted by weighted least squares with the codes held -> float [..., n_sub].
+    ``max_unit`` [..., n_sub]: no unit above it is tried."""
+    x, ii = _e8_sub(wb, qtype)[..., 0, :, :, :], _e8_sub(imp, qtype)[..., 0, :, :, :]   # [..., n_sub, -, 8]
     rms = e8_rms_units(wb, qtype)
     top = max_unit if max_unit is not None else torch.full_like(rms, float("inf"))
 
     def trial(unit, exact):
-        """(error of the sub-blocks at ``unit`` [..., 4], their codebook points [..., 4, 2, 8])."""
+        """(error of the sub-blocks at ``unit`` [..., n_sub], their codebook points [..., n_sub, -, 8])."""
         u = unit[..., None, None]
         idx, neg = e8_round((x / u).reshape(-1, GROUP), ii.reshape(-1, GROUP), qtype.entries, exact=exact)
         c = e8_values(idx, neg, qtype.entries).reshape(x.shape)
@@ -423,18 +423,18 @@ def search_e8_units(wb: torch.Tensor, imp: torch.Tensor, cfg: E8Config = E8Confi
 
 
 def round_e8_block(wb: torch.Tensor, imp: torch.Tensor, d: torch.Tensor, q: torch.Tensor, qtype: E8Type = E8):
-    """Codes of blocks ``wb`` [..., 64] on the stored scales (d [...], q [..., 4]) ->
+    """Codes of blocks ``wb`` [..., 64] on the stored scales (d [...], q [..., n_sub]) ->
     (index [..., 8], negative bool [..., 64], dequantized float [..., 64]); exactly the
     values the file decodes."""
-    unit = (d.to(torch.float32)[..., None] * q / E8_SCALE_STEPS)                # [..., 4]
+    unit = (d.to(torch.float32)[..., None] * q / E8_SCALE_STEPS)                # [..., n_sub]
     u = torch.where(unit > 0, unit, torch.ones_like(unit))
-    u = u.repeat_interleave(E8_SUB // GROUP, dim=-1)[..., None]                  # [..., 8, 1]
+    u = u.repeat_interleave(qtype.sub // GROUP, dim=-1)[..., None]               # [..., 8, 1]
     shape = wb.shape[:-1]
     g = wb.reshape(*shape, N_GROUPS, GROUP)
     idx, neg = e8_round((g / u).reshape(-1, GROUP), imp.reshape(-1, GROUP), qtype.entries)
     idx, neg = idx.reshape(*shape, N_GROUPS), neg.reshape(*shape, BLOCK)
     values = e8_values(idx, neg.reshape(*shape, N_GROUPS, GROUP), qtype.entries).reshape(*shape, BLOCK)
-    return idx, neg, e8_decoded(d.to(torch.float32)[..., None], q.repeat_interleave(E8_SUB, dim=-1), values)
+    return idx, neg, e8_decoded(d.to(torch.float32)[..., None], q.repeat_interleave(qtype.sub, dim=-1), values)
 
 
 def e8_codes(d: torch.Tensor, q: torch.Tensor, index: torch.Tensor, negative: torch.Tensor, qtype: E8Type) -> E8Codes:

@@ -45,9 +45,9 @@ QK8_0 = 32
 Q8_0_BYTES = 34
 VEC_DOT_RTOL = 1e-5
 
-TYPES = sorted(ALL_TYPES)            # ids 100..111: the H family and the E8 members
+TYPES = sorted(ALL_TYPES)            # ids 100..112: the H family and the E8 members
 H_TYPES = sorted(HIQ2_TYPES)         # ids 100..108: what has a 2 x 2 tile, a GEMM and a mask
-E8_IDS = [t.type_id for t in E8_TYPES]   # 109..111
+E8_IDS = [t.type_id for t in E8_TYPES]   # 109..112
 COLS = [64, 576, 1536]
 
 

@@ -66,7 +66,7 @@ def test_unknown_architecture_gguf(out_dir, tmp_path):
 
 def test_budget_below_minimum(out_dir):
     r = cli("convert", "-o", out_dir / "x.gguf", "--bpw", "2.2")
-    assert_clean_failure(r, out_dir, "minimum is 2.50")
+    assert_clean_failure(r, out_dir, "minimum is 2.375")
 
 
 def test_shape_that_does_not_fit(out_dir, tmp_path, smollm_tokenizer):

@@ -83,7 +83,7 @@ def test_cuda_patch_applies_once_and_covers_every_member(tree):
 
 
 def test_cuda_does_not_claim_e8(tree):
-    """The E8 members (HIQ2_E8, _2K, _8K) have no CUDA kernel: the CUDA sources name only the H
+    """The E8 members (HIQ2_E8, _2K, _8K, _XS) have no CUDA kernel: the CUDA sources name only the H
     family (GGML_HIQ2_CASES and HIQ2_FOREACH list H0..H8; GGML_HIQ2_ALL_CASES, which adds the
     E8 members, is for ggml-base and the CPU), so supports_op says no for them and the
     scheduler runs them on the CPU."""
@@ -97,14 +97,15 @@ def test_cuda_does_not_claim_e8(tree):
     assert foreach.split() == [f"X({h})" for h in range(9)]
     assert re.search(r"^#define GGML_HIQ2_CASES HIQ2_FOREACH\(GGML_HIQ2_CASE\)$", header, re.M)
     # the E8 members: ggml.h's enum has each at its formats id, and the C table's rows are
-    # (suffix, SUFFIX, index bits, reference max magnitude) of formats' members
+    # (suffix, SUFFIX, ggml id, index bits, sub-scales, reference max magnitude) of formats' members
     ggml_h = (tree / "ggml/include/ggml.h").read_text()
     for t in E8_TYPES:
         assert re.search(rf"^\s+GGML_TYPE_{t.name} = {t.type_id},", ggml_h, re.M), t.name
     assert re.search(rf"^\s+GGML_TYPE_COUNT\s+= {max(t.type_id for t in E8_TYPES) + 1},", ggml_h, re.M)
     e8_rows = re.search(r"^#define HIQ2_E8_FOREACH\(X\) (.*)$", header, re.M).group(1)
-    assert re.findall(r"X\((\w+), (\w+), (\d+), (\d+)\)", e8_rows) == [
-        (t.name.lower()[len("hiq2_"):], t.name[len("HIQ2_"):], str(t.index_bits), str(t.ref_amax)) for t in E8_TYPES]
+    assert re.findall(r"X\((\w+), (\w+), (\d+), (\d+), (\d+), (\d+)\)", e8_rows) == [
+        (t.name.lower()[len("hiq2_"):], t.name[len("HIQ2_"):], str(t.type_id), str(t.index_bits), str(t.n_sub),
+         str(t.ref_amax)) for t in E8_TYPES]
     cuda_text = [(tree / rel).read_text() for rel in cuda.EDITS] + \
         [(runtime.CUDA_KERNELS_DIR / "hiq2-cuda.cuh").read_text()]
     for text in cuda_text:

@@ -79,7 +79,7 @@ def _requantize_gguf(src, dst, qtype, quantize=None) -> int:
     return n
 
 
-E8_NAMES = ["HIQ2_E8", "HIQ2_E8_2K", "HIQ2_E8_8K"]
+E8_NAMES = ["HIQ2_E8", "HIQ2_E8_2K", "HIQ2_E8_8K", "HIQ2_E8_XS"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hiq2gguf import model_io
 from hiq2gguf.calibrate import collect_fisher, linear_weights
 from hiq2gguf.formats import get_type
 from hiq2gguf.plan import (BudgetError, RatioConfig, candidate_perturbations, candidate_types, fixed_plan,
-                           layer_bits, optimized_plan, parse_ratios)
+                           fixed_ratio_type, layer_bits, optimized_plan, parse_ratios)
 from hiq2gguf.sensitivity import BlockInputs, Checkpoint, GradientProjection, LossDifference
 
 
@@ -74,15 +74,19 @@ def _model_objective(model, params, fisher, windows, plan, cands):
 
 
 def test_budget_errors():
-    with pytest.raises(BudgetError, match="minimum is 2.50"):
-        candidate_types(2.4)
-    assert [t.name for t in candidate_types(2.6)] == ["HIQ2_E8", "HIQ2_H0", "HIQ2_E8_2K", "HIQ2_H1", "HIQ2_E8_8K",
-                                                      "HIQ2_H2", "HIQ2_H3", "HIQ2_H4"]
+    with pytest.raises(BudgetError, match="minimum is 2.375"):
+        candidate_types(2.3)
+    assert [t.name for t in candidate_types(2.6)] == ["HIQ2_E8_XS", "HIQ2_E8", "HIQ2_H0", "HIQ2_E8_2K", "HIQ2_H1",
+                                                      "HIQ2_E8_8K", "HIQ2_H2", "HIQ2_H3", "HIQ2_H4"]
+    assert [t.name for t in candidate_types(2.4)][:2] == ["HIQ2_E8_XS", "HIQ2_E8"]
+    with pytest.raises(BudgetError, match="fixed ratio needs at least 2.50"):
+        fixed_ratio_type(2.4)
 
 
 def test_parse_ratios():
     assert [t.name for t in parse_ratios("H4,0,hiq2_h2,0.25")] == ["HIQ2_H0", "HIQ2_H2", "HIQ2_H4"]
-    assert [t.name for t in parse_ratios("H2,e8,HIQ2_E8,e8_8k")] == ["HIQ2_E8", "HIQ2_E8_8K", "HIQ2_H2"]
+    assert [t.name for t in parse_ratios("H2,e8,HIQ2_E8,e8_8k,E8_XS")] == ["HIQ2_E8_XS", "HIQ2_E8", "HIQ2_E8_8K",
+                                                                             "HIQ2_H2"]
     for bad in ("H9", "E9", "0.3", "x", ""):
         with pytest.raises(BudgetError):
             parse_ratios(bad)

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from hiq2gguf import evaluate, quantize  # noqa: E402
-from hiq2gguf.formats import (ALL_TYPES, E8, E8_2K, E8_8K, E8_BASE_BYTES, E8_LOW_BITS,  # noqa: E402
+from hiq2gguf.formats import (ALL_TYPES, E8, E8_2K, E8_8K, E8_LOW_BITS,  # noqa: E402
                               E8_TYPES, FIRST_TYPE_ID, N_GROUPS, E8Type, FormatError, HIQ2Type,
                               e8_grid, e8_parity, get_type)
 from hiq2gguf.writer import PackedTensor  # noqa: E402
@@ -53,9 +53,9 @@ def random_raw(t, rows: int, n_blocks: int, seed: int) -> np.ndarray:
     blocks[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(rows, n_blocks, 2)
     if isinstance(t, E8Type):
         e = int(np.flatnonzero(t.grid.max(1) == t.grid.max())[0])
-        blocks[-1, -1, 2:4] = 0xFF
+        blocks[-1, -1, 2:t.codes_at] = 0xFF
         code = (e & 511) | (0x7F << 9)               # weight 7 by the rule: negative unless parity odd
-        blocks[-1, -1, 4:E8_BASE_BYTES] = np.array([code] * N_GROUPS, dtype="<u2").view(np.uint8)
+        blocks[-1, -1, t.codes_at:t.base_bytes] = np.array([code] * N_GROUPS, dtype="<u2").view(np.uint8)
         set_ext(blocks[-1, -1], t, range(N_GROUPS), e >> E8_LOW_BITS)
         return blocks.reshape(rows, n_blocks * t.type_size)
     masks = np.zeros((rows, n_blocks), dtype=np.uint8)
@@ -71,7 +71,7 @@ def random_raw(t, rows: int, n_blocks: int, seed: int) -> np.ndarray:
 
 def ext_int(block: np.ndarray, t: E8Type) -> int:
     """The little-endian integer of a block's ext bytes (FORMAT.md)."""
-    return int.from_bytes(block[E8_BASE_BYTES:t.type_size].tobytes(), "little")
+    return int.from_bytes(block[t.base_bytes:t.type_size].tobytes(), "little")
 
 
 def set_ext(block: np.ndarray, t: E8Type, groups, upper: int) -> None:
@@ -81,8 +81,8 @@ def set_ext(block: np.ndarray, t: E8Type, groups, upper: int) -> None:
     v = ext_int(block, t)
     for g in groups:
         v = v & ~(((1 << t.ext_bits) - 1) << (t.ext_bits * g)) | upper << (t.ext_bits * g)
-    block[E8_BASE_BYTES:t.type_size] = np.frombuffer(v.to_bytes(t.type_size - E8_BASE_BYTES, "little"),
-                                                     np.uint8)
+    block[t.base_bytes:t.type_size] = np.frombuffer(v.to_bytes(t.type_size - t.base_bytes, "little"),
+                                                    np.uint8)
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -165,7 +165,7 @@ def test_e8_dequantize_reads_every_field(t):
     raw = random_raw(t, 1, 1, seed=7 + t.type_id)
     raw[0, 0:2] = fp16_bytes(0.5)
     grid, parity = t.grid, e8_parity(t.grid)
-    code = raw[0, 4:E8_BASE_BYTES].view("<u2")
+    code = raw[0, t.codes_at:t.base_bytes].view("<u2")
     upper = [(ext_int(raw[0], t) >> (t.ext_bits * g)) & ((1 << t.ext_bits) - 1) for g in range(N_GROUPS)]
     index = [int(code[g]) & 511 | upper[g] << E8_LOW_BITS for g in range(N_GROUPS)]
 
@@ -175,18 +175,18 @@ def test_e8_dequantize_reads_every_field(t):
         return moved | ({8 * g + 7} if parity[other] != parity[e] else set())
 
     flips = [(1, 1, set(range(64)))]                            # (byte, bit mask, weights moved): d
-    for k in range(4):                                          # sub-scale k: weights 16k..16k+15
-        flips.append((2 + k // 2, 1 << (4 * (k % 2)), set(range(16 * k, 16 * k + 16))))
-    g = 5
+    for k in range(t.n_sub):                                    # sub-scale k: its 16 or 32 weights
+        flips.append((2 + k // 2, 1 << (4 * (k % 2)), set(range(t.sub * k, t.sub * (k + 1)))))
+    g, c = 5, t.codes_at
     for j in range(7):                                          # stored sign j: weights j and 7
-        flips.append((4 + 2 * g + (9 + j) // 8, 1 << ((9 + j) % 8), {8 * g + j, 8 * g + 7}))
+        flips.append((c + 2 * g + (9 + j) // 8, 1 << ((9 + j) % 8), {8 * g + j, 8 * g + 7}))
     for bit in range(E8_LOW_BITS):                              # low index bits: magnitudes (+ sign 7)
-        flips.append((4 + 2 * g + bit // 8, 1 << (bit % 8), index_moves(g, bit)))
+        flips.append((c + 2 * g + bit // 8, 1 << (bit % 8), index_moves(g, bit)))
     for h in range(N_GROUPS):                                   # ext bit k of group h: index bit 9 + k
         for k in range(t.ext_bits):
             pos = t.ext_bits * h + k
-            flips.append((E8_BASE_BYTES + pos // 8, 1 << (pos % 8), index_moves(h, E8_LOW_BITS + k)))
-    assert len(flips) == 21 + 8 * t.ext_bits
+            flips.append((t.base_bytes + pos // 8, 1 << (pos % 8), index_moves(h, E8_LOW_BITS + k)))
+    assert len(flips) == 17 + t.n_sub + 8 * t.ext_bits
 
     rows = np.repeat(raw, len(flips) + 1, axis=0)               # row 0 unchanged
     for r, (byte, bit, _) in enumerate(flips, 1):

@@ -87,7 +87,7 @@ MIXES = {
 }
 METHODS_DEFAULT = "rtn,gptq,hybrid"
 TARGET_ORDER = ("hybrid", "gptq", "rtn")      # the target: hybrid beats GPTQ beats RTN
-RATIOS_DEFAULT = "E8,E8_2K,E8_8K,H0,H1,H2,H3,H4,H6"   # the lattice members and the H members up to 4 bpw
+RATIOS_DEFAULT = "E8_XS,E8,E8_2K,E8_8K,H0,H1,H2,H3,H4,H6"   # the lattice members and the H members up to 4 bpw
 
 
 class CompareError(ValueError):

@@ -558,8 +558,8 @@ HIQ2_FOREACH(HIQ2_DEFINE_CPU_FNS)
 // ---- HIQ2_E8* x Q8_0 (docs/FORMAT.md, "HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K") ----------
 //   sum_i w_i y_i = d/16 * sum_b dy_b * S_b,  S_b = sum_{i in b} n_i q_i  (exact int32)
 // with n_i = q_k * (+-m_i). One kernel for every member, parameterised by B (index bits
-// per group: where the index is, how long the block is), inlined into each member's
-// vec_dot with B constant. One dot product per call (nrows = 1 in the CPU traits) and
+// per group) and NS (sub-scales per block): where the codes and index bits are, how long
+// the block is; inlined into each member's vec_dot with B and NS constant. One dot product per call (nrows = 1 in the CPU traits) and
 // no GEMM: ggml_hiq2_sgemm declines them and ggml's vec_dot loop runs them. The float steps
 // are the H family's: t = d * (dy_0 S_0 + dy_1 S_1) per block (portable), or the same
 // per int32 lane (AVX2); both within float32 rounding of the exact sum.
@@ -598,7 +598,7 @@ static HIQ2_ALWAYS_INLINE __m256i hiq2_e8_mag_avx2(const int B, const uint8_t * 
     return _mm256_setr_epi64x((long long) m[0], (long long) m[1], (long long) m[2], (long long) m[3]);
 }
 
-static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float * GGML_RESTRICT s,
+static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int NS, const int n, float * GGML_RESTRICT s,
                                                const uint8_t * GGML_RESTRICT x, const uint8_t * GGML_RESTRICT y) {
     const int nb = n / QK_HIQ2;
     const hiq2_block_q8_0 * yb = (const hiq2_block_q8_0 *) y;
@@ -609,16 +609,19 @@ static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float *
     const __m256i pick23 = _mm256_setr_epi8(2,3,2,3,2,3,2,3,2,3,2,3,2,3,2,3, 6,7,6,7,6,7,6,7,6,7,6,7,6,7,6,7);
     __m256 acc = _mm256_setzero_ps();
     for (int ib = 0; ib < nb; ++ib) {
-        const uint8_t * blk   = x + ib * HIQ2_E8_TYPE_SIZE(B);
-        const __m128i   codes = _mm_loadu_si128((const __m128i *)(blk + HIQ2_E8_CODES));
-        const uint32_t  ext   = ggml_hiq2_e8_ext(B, blk);
-        const __m256i   M0    = hiq2_e8_mag_avx2(B, blk + HIQ2_E8_CODES, ext, 0);
-        const __m256i   M1    = hiq2_e8_mag_avx2(B, blk + HIQ2_E8_CODES + 8, ext, 4);
+        const uint8_t * blk   = x + ib * HIQ2_E8_TYPE_SIZE(B, NS);
+        const __m128i   codes = _mm_loadu_si128((const __m128i *)(blk + HIQ2_E8_CODES(NS)));
+        const uint32_t  ext   = ggml_hiq2_e8_ext(B, NS, blk);
+        const __m256i   M0    = hiq2_e8_mag_avx2(B, blk + HIQ2_E8_CODES(NS), ext, 0);
+        const __m256i   M1    = hiq2_e8_mag_avx2(B, blk + HIQ2_E8_CODES(NS) + 8, ext, 4);
         const __m256i   q0    = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) yb[2 * ib].qs),
                                                  _mm256_or_si256(hiq2_e8_neg_avx2(codes, M0), one));   // -q or q
         const __m256i   q1    = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *) yb[2 * ib + 1].qs),
                                                  _mm256_or_si256(hiq2_e8_neg_avx2(_mm_srli_si128(codes, 8), M1), one));
-        const uint32_t  sb    = (uint32_t) blk[2] | ((uint32_t) blk[3] << 16);
+        // the nibbles q_k - 1 of the 16-weight sub-blocks 0, 1 (bits 0..7) and 2, 3 (16..23);
+        // with NS = 2 the nibble of each 32-weight half serves both its sub-blocks
+        const uint32_t  sb    = NS == 4 ? (uint32_t) blk[2] | ((uint32_t) blk[3] << 16)
+                                        : (uint32_t) (blk[2] & 15u) * 0x11u | (uint32_t) (blk[2] >> 4) * 0x110000u;
         const uint64_t  sc    = ((sb & 0x000F000Fu) | ((uint64_t)((sb >> 4) & 0x000F000Fu) << 32)) + 0x0001000100010001ull;
         const __m256i   scv   = _mm256_set1_epi64x((long long) sc);
         const __m256i   S0    = _mm256_madd_epi16(_mm256_maddubs_epi16(M0, q0), _mm256_shuffle_epi8(scv, pick01));
@@ -632,14 +635,14 @@ static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float *
 }
 #else
 // portable C (SSE-only x86, ARM, ...): exact integer S_b per Q8_0 block
-static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float * GGML_RESTRICT s,
+static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int NS, const int n, float * GGML_RESTRICT s,
                                                const uint8_t * GGML_RESTRICT x, const uint8_t * GGML_RESTRICT y) {
     const int nb = n / QK_HIQ2;
     const hiq2_block_q8_0 * yb = (const hiq2_block_q8_0 *) y;
     float acc = 0.0f;
     for (int ib = 0; ib < nb; ++ib) {
         int16_t w[QK_HIQ2];                     // |n_i| <= 144: not int8
-        const float d = ggml_hiq2_e8_decode_block(B, x + ib * HIQ2_E8_TYPE_SIZE(B), w);
+        const float d = ggml_hiq2_e8_decode_block(B, NS, x + ib * HIQ2_E8_TYPE_SIZE(B, NS), w);
         int32_t S[2] = { 0, 0 };
         for (int b = 0; b < 2; ++b) {
             for (int j = 0; j < HIQ2_QK8_0; ++j) {
@@ -656,7 +659,7 @@ static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float *
 }
 #endif
 
-#define HIQ2_E8_DEFINE_CPU_FNS(sfx, SFX, B, A) \
+#define HIQ2_E8_DEFINE_CPU_FNS(sfx, SFX, ID, B, NS, A) \
     void quantize_row_hiq2_##sfx(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
         quantize_row_hiq2_##sfx##_ref(x, y, k); \
     } \
@@ -665,7 +668,7 @@ static HIQ2_ALWAYS_INLINE void hiq2_e8_vec_dot(const int B, const int n, float *
         assert(nrc == 1); \
         assert(n % QK_HIQ2 == 0); \
         (void) nrc; (void) bs; (void) bx; (void) by; \
-        hiq2_e8_vec_dot(B, n, s, (const uint8_t *) vx, (const uint8_t *) vy); \
+        hiq2_e8_vec_dot(B, NS, n, s, (const uint8_t *) vx, (const uint8_t *) vy); \
     }
 HIQ2_E8_FOREACH(HIQ2_E8_DEFINE_CPU_FNS)
 #undef HIQ2_E8_DEFINE_CPU_FNS

@@ -22,7 +22,7 @@
 HIQ2_FOREACH(HIQ2_CHECK_ID)
 #undef HIQ2_CHECK_ID
 _Static_assert(GGML_TYPE_HIQ2_E8 == HIQ2_E8_TYPE, "HIQ2_E8 type id must be 109");
-_Static_assert(HIQ2_E8_TYPE_SIZE(HIQ2_E8_MAX_BITS) - HIQ2_E8_BASE_BYTES <= 4, "E8 extension bytes: one uint32");
+_Static_assert(HIQ2_E8_MAX_BITS - HIQ2_E8_LOW_BITS <= 4, "E8 extension bytes: one uint32");
 _Static_assert(GGML_TYPE_COUNT > HIQ2_FIRST_TYPE + HIQ2_NTYPES_ALL - 1, "GGML_TYPE_COUNT too small for HIQ2");
 _Static_assert(sizeof(block_hiq2_max) == HIQ2_TYPE_SIZE(HIQ2_NGROUPS), "block_hiq2_max layout");
 
@@ -204,20 +204,22 @@ bool ggml_hiq2_validate_row_data(int H, const void * data, size_t nbytes) {
 // ---- HIQ2_E8* (docs/FORMAT.md, "HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K"; formats.E8Type is
 // the reference) ---------------------------------------------------------------------
 // One implementation for every lattice member, parameterised by B (index bits per
-// group) and A (the magnitude a sub-block's max |x| maps to); HIQ2_E8_FOREACH gives
+// group), NS (sub-scales per block) and A (the magnitude a sub-block's max |x| maps
+// to); HIQ2_E8_FOREACH gives
 // each member its entry points below.
 
 // Reference quantizer for one block of 64 floats, every float32 step of
 // formats.E8Type.quantize_ref in its order (a statement per rounding, no a*b+c).
-static void hiq2_e8_quantize_block_ref(const int B, const int A, const float * GGML_RESTRICT x,
+static void hiq2_e8_quantize_block_ref(const int B, const int NS, const int A, const float * GGML_RESTRICT x,
                                        uint8_t * GGML_RESTRICT blk) {
+    const int SUB = HIQ2_E8_SUB(NS);
     // 1. sub-block maxima s_k = max |x| / A and d = fp16(max_k s_k)
-    float s[HIQ2_E8_NSUB];
+    float s[HIQ2_E8_MAX_NSUB];
     float smax = 0.0f;
-    for (int k = 0; k < HIQ2_E8_NSUB; ++k) {
-        float a = fabsf(x[k * HIQ2_E8_SUB]);
-        for (int i = 1; i < HIQ2_E8_SUB; ++i) {
-            const float v = fabsf(x[k * HIQ2_E8_SUB + i]);
+    for (int k = 0; k < NS; ++k) {
+        float a = fabsf(x[k * SUB]);
+        for (int i = 1; i < SUB; ++i) {
+            const float v = fabsf(x[k * SUB + i]);
             if (v > a) { a = v; }
         }
         s[k] = a / (float) A;
@@ -226,7 +228,7 @@ static void hiq2_e8_quantize_block_ref(const int B, const int A, const float * G
     const uint16_t dh = ggml_hiq2_fp32_to_fp16(smax);
     const float d = ggml_hiq2_fp16_to_fp32(dh);
 
-    memset(blk, 0, HIQ2_E8_TYPE_SIZE(B));
+    memset(blk, 0, HIQ2_E8_TYPE_SIZE(B, NS));
     blk[0] = (uint8_t)(dh & 0xff);
     blk[1] = (uint8_t)(dh >> 8);
     if (d == 0.0f) {
@@ -234,8 +236,8 @@ static void hiq2_e8_quantize_block_ref(const int B, const int A, const float * G
     }
 
     // 2. sub-scales q_k = clamp(floor(s_k / d * 16 + 0.5), 1, 16)
-    int q[HIQ2_E8_NSUB];
-    for (int k = 0; k < HIQ2_E8_NSUB; ++k) {
+    int q[HIQ2_E8_MAX_NSUB];
+    for (int k = 0; k < NS; ++k) {
         const float a0 = s[k] / d;
         const float a1 = a0 * 16.0f;
         const float a2 = a1 + 0.5f;
@@ -249,7 +251,7 @@ static void hiq2_e8_quantize_block_ref(const int B, const int A, const float * G
     uint32_t  ext     = 0;
     for (int g = 0; g < HIQ2_NGROUPS; ++g) {
         const float * xg = x + g * HIQ2_GROUP;
-        const float p = d * (float) q[g * HIQ2_GROUP / HIQ2_E8_SUB];
+        const float p = d * (float) q[g * HIQ2_GROUP / SUB];
         const float u = p / 16.0f;
         float a[HIQ2_GROUP];
         unsigned neg = 0;
@@ -307,32 +309,32 @@ static void hiq2_e8_quantize_block_ref(const int B, const int A, const float * G
             neg ^= 1u << jmin;
         }
         const unsigned code = ((unsigned) best & ((1u << HIQ2_E8_LOW_BITS) - 1u)) | ((neg & 0x7Fu) << 9);
-        blk[HIQ2_E8_CODES + 2 * g]     = (uint8_t)(code & 0xff);
-        blk[HIQ2_E8_CODES + 2 * g + 1] = (uint8_t)(code >> 8);
+        blk[HIQ2_E8_CODES(NS) + 2 * g]     = (uint8_t)(code & 0xff);
+        blk[HIQ2_E8_CODES(NS) + 2 * g + 1] = (uint8_t)(code >> 8);
         ext |= (uint32_t)((unsigned) best >> HIQ2_E8_LOW_BITS) << (eb * g);
     }
     for (int i = 0; i < eb; ++i) {
-        blk[HIQ2_E8_BASE_BYTES + i] = (uint8_t)(ext >> (8 * i));
+        blk[HIQ2_E8_BASE_BYTES(NS) + i] = (uint8_t)(ext >> (8 * i));
     }
 }
 
-static void hiq2_e8_quantize_row_ref(const int B, const int A, const float * GGML_RESTRICT x,
+static void hiq2_e8_quantize_row_ref(const int B, const int NS, const int A, const float * GGML_RESTRICT x,
                                      void * GGML_RESTRICT y, int64_t k) {
     assert(k % QK_HIQ2 == 0);
     const int64_t nb = k / QK_HIQ2;
     uint8_t * out = (uint8_t *) y;
     for (int64_t ib = 0; ib < nb; ++ib) {
-        hiq2_e8_quantize_block_ref(B, A, x + ib * QK_HIQ2, out + ib * HIQ2_E8_TYPE_SIZE(B));
+        hiq2_e8_quantize_block_ref(B, NS, A, x + ib * QK_HIQ2, out + ib * HIQ2_E8_TYPE_SIZE(B, NS));
     }
 }
 
-static void hiq2_e8_dequantize_row(const int B, const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
+static void hiq2_e8_dequantize_row(const int B, const int NS, const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {
     assert(k % QK_HIQ2 == 0);
     const int64_t nb = k / QK_HIQ2;
     const uint8_t * in = (const uint8_t *) x;
     int16_t n[QK_HIQ2];
     for (int64_t ib = 0; ib < nb; ++ib) {
-        const float d = ggml_hiq2_e8_decode_block(B, in + ib * HIQ2_E8_TYPE_SIZE(B), n);
+        const float d = ggml_hiq2_e8_decode_block(B, NS, in + ib * HIQ2_E8_TYPE_SIZE(B, NS), n);
         float * out = y + ib * QK_HIQ2;
         for (int i = 0; i < QK_HIQ2; ++i) {
             const float p = d * (float) n[i];   // exact: 11-bit d times 8-bit integer
@@ -341,20 +343,20 @@ static void hiq2_e8_dequantize_row(const int B, const void * GGML_RESTRICT x, fl
     }
 }
 
-static size_t hiq2_e8_quantize(const int B, const int A, const float * GGML_RESTRICT src, void * GGML_RESTRICT dst,
+static size_t hiq2_e8_quantize(const int B, const int NS, const int A, const float * GGML_RESTRICT src, void * GGML_RESTRICT dst,
                                int64_t nrows, int64_t n_per_row, const float * imatrix) {
     (void) imatrix;                             // as for the H family (ggml_hiq2_quantize)
-    const size_t row_size = (size_t)(n_per_row / QK_HIQ2) * HIQ2_E8_TYPE_SIZE(B);
+    const size_t row_size = (size_t)(n_per_row / QK_HIQ2) * HIQ2_E8_TYPE_SIZE(B, NS);
     for (int64_t r = 0; r < nrows; ++r) {
-        hiq2_e8_quantize_row_ref(B, A, src + r * n_per_row, (uint8_t *) dst + r * row_size, n_per_row);
+        hiq2_e8_quantize_row_ref(B, NS, A, src + r * n_per_row, (uint8_t *) dst + r * row_size, n_per_row);
     }
     return (size_t) nrows * row_size;
 }
 
 // valid when every d is finite and non-negative: every bit pattern of the
 // sub-scales, codes and extension bytes decodes to a lattice point
-static bool hiq2_e8_validate_row_data(const int B, const char * name, const void * data, size_t nbytes) {
-    const size_t ts = HIQ2_E8_TYPE_SIZE(B);
+static bool hiq2_e8_validate_row_data(const int B, const int NS, const char * name, const void * data, size_t nbytes) {
+    const size_t ts = HIQ2_E8_TYPE_SIZE(B, NS);
     if (nbytes % ts != 0) {
         fprintf(stderr, "%s: invalid size %zu for type %s (type size = %zu)\n", __func__, nbytes, name, ts);
         return false;
@@ -375,19 +377,19 @@ static bool hiq2_e8_validate_row_data(const int B, const char * name, const void
     return true;
 }
 
-#define HIQ2_E8_DEFINE_FNS(sfx, SFX, B, A) \
-    _Static_assert(GGML_TYPE_HIQ2_##SFX == HIQ2_E8_TYPE_ID(B), "HIQ2_" #SFX ": type id 109 + (B - 9) / 2"); \
+#define HIQ2_E8_DEFINE_FNS(sfx, SFX, ID, B, NS, A) \
+    _Static_assert(GGML_TYPE_HIQ2_##SFX == ID, "HIQ2_" #SFX ": ggml.h's id is the table's"); \
     void dequantize_row_hiq2_##sfx(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \
-        hiq2_e8_dequantize_row(B, x, y, k); \
+        hiq2_e8_dequantize_row(B, NS, x, y, k); \
     } \
     void quantize_row_hiq2_##sfx##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) { \
-        hiq2_e8_quantize_row_ref(B, A, x, y, k); \
+        hiq2_e8_quantize_row_ref(B, NS, A, x, y, k); \
     } \
     size_t quantize_hiq2_##sfx(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix) { \
-        return hiq2_e8_quantize(B, A, src, dst, nrows, n_per_row, imatrix); \
+        return hiq2_e8_quantize(B, NS, A, src, dst, nrows, n_per_row, imatrix); \
     } \
     bool validate_row_data_hiq2_##sfx(const void * data, size_t nbytes) { \
-        return hiq2_e8_validate_row_data(B, "hiq2_" #sfx, data, nbytes); \
+        return hiq2_e8_validate_row_data(B, NS, "hiq2_" #sfx, data, nbytes); \
     }
 HIQ2_E8_FOREACH(HIQ2_E8_DEFINE_FNS)
 #undef HIQ2_E8_DEFINE_FNS
@@ -412,8 +414,8 @@ HIQ2_FOREACH(HIQ2_DEFINE_FNS)
 #define HIQ2_TABLE_ROW(H) \
     { GGML_TYPE_HIQ2_H##H, H, HIQ2_TYPE_SIZE(H), "hiq2_h" #H, \
       dequantize_row_hiq2_h##H, quantize_row_hiq2_h##H##_ref, quantize_hiq2_h##H, validate_row_data_hiq2_h##H },
-#define HIQ2_E8_TABLE_ROW(sfx, SFX, B, A) \
-    { GGML_TYPE_HIQ2_##SFX, -1, HIQ2_E8_TYPE_SIZE(B), "hiq2_" #sfx, \
+#define HIQ2_E8_TABLE_ROW(sfx, SFX, ID, B, NS, A) \
+    { GGML_TYPE_HIQ2_##SFX, -1, HIQ2_E8_TYPE_SIZE(B, NS), "hiq2_" #sfx, \
       dequantize_row_hiq2_##sfx, quantize_row_hiq2_##sfx##_ref, quantize_hiq2_##sfx, validate_row_data_hiq2_##sfx },
 // indexed by type id - HIQ2_FIRST_TYPE: the E8 members' ids follow the H family's
 const struct ggml_hiq2_type_fns ggml_hiq2_types[HIQ2_NTYPES_ALL] = {

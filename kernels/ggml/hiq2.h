@@ -3,8 +3,9 @@
 // One generic implementation parameterised by H (number of 4-bit "high"
 // channel groups per 64-weight block); every family member is one row of
 // HIQ2_FOREACH below and one row of the function table in hiq2.c. The lattice
-// members HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K (ids 109..111, their own block layout)
-// are likewise one generic implementation parameterised by the index bits, one
+// members HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K, HIQ2_E8_XS (ids 109..112, their own block
+// layout) are likewise one generic implementation parameterised by the index bits
+// and the number of sub-scales, one
 // row each of HIQ2_E8_FOREACH, of that table and of the type-traits rows below;
 // they are not in HIQ2_FOREACH, which lists the H family only (and is what the
 // CUDA kernels, kernels/cuda, implement).
@@ -32,18 +33,19 @@ extern "C" {
 #define HIQ2_FIRST_TYPE   100                       // ggml type id of HIQ2_H0
 #define HIQ2_NTYPES       9                         // H = 0..8
 #define HIQ2_E8_TYPE      (HIQ2_FIRST_TYPE + HIQ2_NTYPES)  // ggml type id of HIQ2_E8: 109
-#define HIQ2_E8_NTYPES    3                         // HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K
+#define HIQ2_E8_NTYPES    4                         // HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K, HIQ2_E8_XS
 #define HIQ2_NTYPES_ALL   (HIQ2_NTYPES + HIQ2_E8_NTYPES)  // every type of ours: the H family and the E8 members
 
 // The family: X(H) for every member. Adding/removing a member = edit this list
 // (and patch.py's list of enum ids, which is generated from the same range).
 #define HIQ2_FOREACH(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
 
-// The lattice members: X(suffix, SUFFIX, B, A) with B index bits per group (a 2^B-entry
-// codebook; ggml id HIQ2_E8_TYPE_ID(B), HIQ2_E8_TYPE_SIZE(B) bytes per block) and A the
-// magnitude the reference quantizer maps a sub-block's max |x| to (the codebook's
-// largest magnitude less one). Adding a member = one row here (and in patch.py).
-#define HIQ2_E8_FOREACH(X) X(e8, E8, 9, 4) X(e8_2k, E8_2K, 11, 6) X(e8_8k, E8_8K, 13, 8)
+// The lattice members: X(suffix, SUFFIX, ID, B, NS, A) with ggml id ID, B index bits per
+// group (a 2^B-entry codebook), NS 4-bit sub-scales per block (4, or 2 for HIQ2_E8_XS;
+// HIQ2_E8_TYPE_SIZE(B, NS) bytes per block) and A the magnitude the reference quantizer
+// maps a sub-block's max |x| to (the codebook's largest magnitude less one). Adding a
+// member = one row here (and in patch.py).
+#define HIQ2_E8_FOREACH(X) X(e8, E8, 109, 9, 4, 4) X(e8_2k, E8_2K, 110, 11, 4, 6) X(e8_8k, E8_8K, 111, 13, 4, 8) X(e8_xs, E8_XS, 112, 9, 2, 4)
 
 // Generic block layout; the per-H block is a prefix of this struct
 // (qh holds 2H meaningful bytes). Byte offsets: d 0, z 2, mask 3, ql 4, qh 20.
@@ -151,22 +153,21 @@ static inline float ggml_hiq2_decode_block(int H, const uint8_t * blk, int16_t *
 }
 
 // ---- HIQ2_E8* (docs/FORMAT.md, "HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K") -------------
-// Block of 64 weights, 20 + (B - 9) bytes: fp16 d (bytes 0..1), four 4-bit sub-scales
-// q_k - 1 (bytes 2..3, sub-block k = weights 16k..16k+15 in byte 2 + k/2, bits 4 (k%2)..),
-// 8 little-endian u16 codes (bytes 4 + 2g): bits 0..8 the low 9 bits of the index e
+// Block of 64 weights, 18 + NS/2 + (B - 9) bytes: fp16 d (bytes 0..1), NS 4-bit
+// sub-scales q_k - 1 (sub-block k = weights 64/NS k .. in byte 2 + k/2, bits 4 (k%2)..),
+// 8 little-endian u16 codes (bytes 2 + NS/2 + 2g): bits 0..8 the low 9 bits of the index e
 // into the codebook, bits 9..15 the signs of weights 0..6 of group g; then B - 9 bytes
 // (none for HIQ2_E8) whose little-endian integer holds group g's upper index bits at
 // bits (B-9) g ..; weight 7's sign makes parity(e) + #negative even.
 // w_i = d * n_i / 16, n_i = q_k * (+-m_i), |n_i| <= 16 * 9 = 144.
-#define HIQ2_E8_BASE_BYTES 20                       // the block without the extension bytes
 #define HIQ2_E8_LOW_BITS   9                        // index bits in a group's u16 code
 #define HIQ2_E8_MAX_BITS   13                       // the largest member's (HIQ2_E8_8K)
 #define HIQ2_E8_MAX_ENTRIES (1 << HIQ2_E8_MAX_BITS) // 8192: the one table all members index
-#define HIQ2_E8_TYPE_SIZE(B) (HIQ2_E8_BASE_BYTES + (B) - HIQ2_E8_LOW_BITS)   // 8 groups x (B - 9) bits
-#define HIQ2_E8_TYPE_ID(B)   (HIQ2_E8_TYPE + ((B) - HIQ2_E8_LOW_BITS) / 2)   // 109, 110, 111
-#define HIQ2_E8_SUB        16                       // weights per sub-scale
-#define HIQ2_E8_NSUB       (QK_HIQ2 / HIQ2_E8_SUB)  // 4 sub-scales per block
-#define HIQ2_E8_CODES      4                        // byte offset of the group codes
+#define HIQ2_E8_MAX_NSUB   4                        // sub-scales per block: 4, or 2 (HIQ2_E8_XS)
+#define HIQ2_E8_SUB(NS)        (QK_HIQ2 / (NS))     // weights per sub-scale: 16 or 32
+#define HIQ2_E8_CODES(NS)      (2 + (NS) / 2)       // byte offset of the group codes
+#define HIQ2_E8_BASE_BYTES(NS) (HIQ2_E8_CODES(NS) + 2 * HIQ2_NGROUPS)   // the block without the extension bytes
+#define HIQ2_E8_TYPE_SIZE(B, NS) (HIQ2_E8_BASE_BYTES(NS) + (B) - HIQ2_E8_LOW_BITS)   // 8 groups x (B - 9) bits
 
 // The codebook (hiq2-e8grid.h, generated from hiq2gguf.formats.e8_grid(8192); defined
 // in hiq2.c): entry e's magnitudes m_0..m_7 in bytes 0..7 of ggml_hiq2_e8_grid[e], and
@@ -176,10 +177,10 @@ GGML_API const uint64_t ggml_hiq2_e8_grid[HIQ2_E8_MAX_ENTRIES];
 GGML_API const uint8_t  ggml_hiq2_e8_parity[HIQ2_E8_MAX_ENTRIES];
 
 // The extension bytes of a block as one integer (0 for HIQ2_E8; at most 32 bits).
-static inline uint32_t ggml_hiq2_e8_ext(int B, const uint8_t * blk) {
+static inline uint32_t ggml_hiq2_e8_ext(int B, int NS, const uint8_t * blk) {
     uint32_t ext = 0;
     for (int i = 0; i < B - HIQ2_E8_LOW_BITS; ++i) {
-        ext |= (uint32_t) blk[HIQ2_E8_BASE_BYTES + i] << (8 * i);
+        ext |= (uint32_t) blk[HIQ2_E8_BASE_BYTES(NS) + i] << (8 * i);
     }
     return ext;
 }
@@ -200,17 +201,17 @@ static inline unsigned ggml_hiq2_e8_signs(unsigned code, unsigned index) {
     return s | (((n ^ ggml_hiq2_e8_parity[index]) & 1u) << 7);
 }
 
-// Decode one block of the member with B index bits into n[i] = q_k * (+-m_i) (in
-// -144..144: int16). Returns d. Every bit pattern decodes (no invalid codes).
-static inline float ggml_hiq2_e8_decode_block(int B, const uint8_t * blk, int16_t * n) {
+// Decode one block of the member with B index bits and NS sub-scales into
+// n[i] = q_k * (+-m_i) (in -144..144: int16). Returns d. Every bit pattern decodes.
+static inline float ggml_hiq2_e8_decode_block(int B, int NS, const uint8_t * blk, int16_t * n) {
     const float d = ggml_hiq2_fp16_to_fp32(ggml_hiq2_read_u16(blk));
-    const uint32_t ext = ggml_hiq2_e8_ext(B, blk);
+    const uint32_t ext = ggml_hiq2_e8_ext(B, NS, blk);
     for (int g = 0; g < HIQ2_NGROUPS; ++g) {
-        const unsigned code  = ggml_hiq2_read_u16(blk + HIQ2_E8_CODES + 2 * g);
+        const unsigned code  = ggml_hiq2_read_u16(blk + HIQ2_E8_CODES(NS) + 2 * g);
         const unsigned index = ggml_hiq2_e8_index(B, code, ext, g);
         const unsigned signs = ggml_hiq2_e8_signs(code, index);
         const uint64_t m     = ggml_hiq2_e8_grid[index];
-        const int      k     = g * HIQ2_GROUP / HIQ2_E8_SUB;
+        const int      k     = g * HIQ2_GROUP / HIQ2_E8_SUB(NS);
         const int      q     = ((blk[2 + k / 2] >> (4 * (k % 2))) & 15) + 1;
         for (int j = 0; j < HIQ2_GROUP; ++j) {
             const int v = q * (int)((m >> (8 * j)) & 0xFFu);
@@ -228,7 +229,7 @@ static inline float ggml_hiq2_e8_decode_block(int B, const uint8_t * blk, int16_
     GGML_API bool   validate_row_data_hiq2_h##H(const void * data, size_t nbytes);
 HIQ2_FOREACH(HIQ2_DECLARE_FNS)
 #undef HIQ2_DECLARE_FNS
-#define HIQ2_E8_DECLARE_FNS(sfx, SFX, B, A) \
+#define HIQ2_E8_DECLARE_FNS(sfx, SFX, ID, B, NS, A) \
     GGML_API void   dequantize_row_hiq2_##sfx(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k); \
     GGML_API void   quantize_row_hiq2_##sfx##_ref(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
     GGML_API size_t quantize_hiq2_##sfx(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix); \
@@ -270,7 +271,7 @@ static inline bool ggml_is_hiq2_type(enum ggml_type type) {
 HIQ2_FOREACH(HIQ2_DECLARE_CPU_FNS)
 #undef HIQ2_DECLARE_CPU_FNS
 // HIQ2_E8*: one dot product per call (nrc == 1; their CPU traits rows say nrows = 1)
-#define HIQ2_E8_DECLARE_CPU_FNS(sfx, SFX, B, A) \
+#define HIQ2_E8_DECLARE_CPU_FNS(sfx, SFX, ID, B, NS, A) \
     void quantize_row_hiq2_##sfx(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k); \
     void ggml_vec_dot_hiq2_##sfx##_q8_0(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc);
 HIQ2_E8_FOREACH(HIQ2_E8_DECLARE_CPU_FNS)
@@ -318,11 +319,11 @@ static inline const struct ggml_hiq2_type_fns * ggml_hiq2_fns(enum ggml_type typ
         .to_float       = (ggml_to_float_t) dequantize_row_hiq2_h##H, \
         .from_float_ref = (ggml_from_float_t) quantize_row_hiq2_h##H##_ref, \
     },
-#define GGML_HIQ2_E8_TYPE_TRAITS_ROW(sfx, SFX, B, A) \
+#define GGML_HIQ2_E8_TYPE_TRAITS_ROW(sfx, SFX, ID, B, NS, A) \
     [GGML_TYPE_HIQ2_##SFX] = { \
         .type_name      = "hiq2_" #sfx, \
         .blck_size      = QK_HIQ2, \
-        .type_size      = HIQ2_E8_TYPE_SIZE(B), \
+        .type_size      = HIQ2_E8_TYPE_SIZE(B, NS), \
         .is_quantized   = true, \
         .to_float       = (ggml_to_float_t) dequantize_row_hiq2_##sfx, \
         .from_float_ref = (ggml_from_float_t) quantize_row_hiq2_##sfx##_ref, \
@@ -337,7 +338,7 @@ static inline const struct ggml_hiq2_type_fns * ggml_hiq2_fns(enum ggml_type typ
         .vec_dot_type = GGML_TYPE_Q8_0, \
         .nrows        = HIQ2_VEC_DOT_NROWS, \
     },
-#define GGML_HIQ2_E8_TYPE_TRAITS_CPU_ROW(sfx, SFX, B, A) \
+#define GGML_HIQ2_E8_TYPE_TRAITS_CPU_ROW(sfx, SFX, ID, B, NS, A) \
     [GGML_TYPE_HIQ2_##SFX] = { \
         .from_float   = quantize_row_hiq2_##sfx, \
         .vec_dot      = ggml_vec_dot_hiq2_##sfx##_q8_0, \
@@ -352,7 +353,7 @@ static inline const struct ggml_hiq2_type_fns * ggml_hiq2_fns(enum ggml_type typ
 // (ggml.c, ggml-quants.c, ggml-cpu/ops.cpp).
 #define GGML_HIQ2_CASE(H) case GGML_TYPE_HIQ2_H##H:
 #define GGML_HIQ2_CASES HIQ2_FOREACH(GGML_HIQ2_CASE)
-#define GGML_HIQ2_E8_CASE(sfx, SFX, B, A) case GGML_TYPE_HIQ2_##SFX:
+#define GGML_HIQ2_E8_CASE(sfx, SFX, ID, B, NS, A) case GGML_TYPE_HIQ2_##SFX:
 #define GGML_HIQ2_ALL_CASES GGML_HIQ2_CASES HIQ2_E8_FOREACH(GGML_HIQ2_E8_CASE)
 
 #ifdef __cplusplus

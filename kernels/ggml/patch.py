@@ -24,15 +24,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # ggml type ids of the family: HIQ2_H<H> = FIRST_ID + H, then the lattice members
-# HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K (see docs/FORMAT.md). N_HIGH is the H family only
-# (the CUDA patch's list).
+# HIQ2_E8, HIQ2_E8_2K, HIQ2_E8_8K, HIQ2_E8_XS (see docs/FORMAT.md). N_HIGH is the H
+# family only (the CUDA patch's list).
 FIRST_ID = 100
 N_HIGH = range(0, 9)
-E8_ID = FIRST_ID + len(N_HIGH)                # 109
-# the lattice members as (enum suffix, index bits); hiq2.h's HIQ2_E8_FOREACH has the same rows
-E8_MEMBERS = [("E8", 9), ("E8_2K", 11), ("E8_8K", 13)]
-E8_IDS = {name: E8_ID + (bits - 9) // 2 for name, bits in E8_MEMBERS}   # 109, 110, 111
-TYPE_COUNT = max(E8_IDS.values()) + 1         # 112
+# the lattice members as (enum suffix, ggml id, index bits, sub-scales per block);
+# hiq2.h's HIQ2_E8_FOREACH has the same rows
+E8_MEMBERS = [("E8", 109, 9, 4), ("E8_2K", 110, 11, 4), ("E8_8K", 111, 13, 4), ("E8_XS", 112, 9, 2)]
+TYPE_COUNT = max(m[1] for m in E8_MEMBERS) + 1   # 113
 LAST_TYPE = f"GGML_TYPE_HIQ2_{E8_MEMBERS[-1][0]}"
 
 MARK = "hiq2gguf"                             # appears in every inserted line/block
@@ -61,14 +60,14 @@ def _enum_lines() -> str:
     return "".join(
         f"        GGML_TYPE_HIQ2_H{h} = {FIRST_ID + h}, // {MARK}: {64} weights, {20 + 2 * h} bytes\n"
         for h in N_HIGH) + "".join(
-        f"        GGML_TYPE_HIQ2_{name} = {E8_IDS[name]}, // {MARK}: 64 weights, {20 + bits - 9} bytes\n"
-        for name, bits in E8_MEMBERS)
+        f"        GGML_TYPE_HIQ2_{name} = {type_id}, // {MARK}: 64 weights, {18 + n_sub // 2 + bits - 9} bytes\n"
+        for name, type_id, bits, n_sub in E8_MEMBERS)
 
 
 # every type of ours (the CPU backend and ggml-base run them all)
 HIQ2_CASES = f"        GGML_HIQ2_ALL_CASES // {MARK}\n"
 HIQ2_TYPE_LIST = ("    " + ", ".join([f"GGML_TYPE_HIQ2_H{h}" for h in N_HIGH]
-                                      + [f"GGML_TYPE_HIQ2_{name}" for name, _ in E8_MEMBERS])
+                                      + [f"GGML_TYPE_HIQ2_{m[0]}" for m in E8_MEMBERS])
                   + f", // {MARK}\n")
 
 EDITS: dict[str, list[Edit]] = {
@@ -155,7 +154,7 @@ EDITS: dict[str, list[Edit]] = {
         Edit("                : type == GGML_TYPE_Q1_0\n",
              "                : type == GGML_TYPE_Q1_0\n"
              + "".join(f"                    || type == GGML_TYPE_HIQ2_{name} // {MARK}\n"
-                       for name, bits in E8_MEMBERS if bits > 9)),
+                       for name, _, bits, _ in E8_MEMBERS if bits > 9)),
         Edit("                : type == GGML_TYPE_TQ1_0 || type == GGML_TYPE_TQ2_0 || type == GGML_TYPE_Q2_0\n",
              "                : type == GGML_TYPE_TQ1_0 || type == GGML_TYPE_TQ2_0 || type == GGML_TYPE_Q2_0\n"
              f"                    || (type >= GGML_TYPE_HIQ2_H0 && type <= {LAST_TYPE}) // {MARK}\n"),
