@@ -222,3 +222,21 @@ def test_lattice_stage_learns_scales_and_keeps_the_codes(prev):
     assert np.array_equal(dequantize_torch(codes).numpy().view(np.uint32), t.dequantize(raw).view(np.uint32))
     err, err0 = out_err(dequantize_torch(codes), W, X_test), out_err(dequantize_torch(start_codes), W, X_test)
     assert err < 0.99 * err0, (err, err0)
+
+
+def test_token_relative_error_is_not_led_by_massive_tokens():
+    """With one token in 128 carrying inputs 1000x the rest (as Qwen2.5's first token does
+    in the residual stream), the plain block MSE trains for those few tokens alone; the
+    per-token relative error (``ReconstructionConfig.token_relative``) serves the others:
+    clearly less output error on held-out ordinary inputs."""
+    W, chunks, X_test = layer_problem(5)
+    massive = []
+    for x in chunks:
+        x = x.clone()
+        x[0] *= 1000
+        massive.append(x)
+    errs = {}
+    for rel in (False, True):
+        q = fit_layer("adaround", W, massive, 2, replace(CFG, adaround_low=True, token_relative=rel))
+        errs[rel] = out_err(dequantize_torch(q.codes()), W, X_test)
+    assert errs[True] < 0.9 * errs[False], errs
