@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: ConvertConfig.method, hybrid)")
     c.add_argument("--act-order", action="store_true",
                    help="GPTQ (gptq, hybrid) in activation order: most active inputs first (gptq.GPTQConfig)")
-    c.add_argument("--preset", choices=["fast", "paper"], default="fast",
-                   help="reconstruction training of lwc/adaround/hybrid: fast (minutes on a CPU) "
-                        "or paper (5,000 AdaRound steps, for a GPU)")
+    c.add_argument("--preset", choices=["fast", "paper", "fast-rel"], default="fast",
+                   help="reconstruction training of lwc/adaround/hybrid: fast (minutes on a CPU), "
+                        "paper (5,000 AdaRound steps, for a GPU), or fast-rel (fast with the per-token "
+                        "relative error, learned.block_error)")
     c.add_argument("--ratio-strategy", choices=["optimized", "fixed"], default="optimized",
                    help="per-layer ratios from the quadratic loss model solved by HiGHS (default), "
                         "or one high-group ratio for all layers")

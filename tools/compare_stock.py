@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--estimator", default="gradient", choices=["gradient", "loss"], help="ratio optimizer's M")
     ap.add_argument("--ratios", default=RATIOS_DEFAULT, help="candidate members, the same for every budget")
-    ap.add_argument("--preset", default="fast", help="learned quantizers' settings (fast | paper)")
+    ap.add_argument("--preset", default="fast", help="learned quantizers' settings (fast | paper | fast-rel)")
     ap.add_argument("--act-order", action="store_true", help="our GPTQ in activation order (gptq, hybrid)")
     ap.add_argument("--outdir", help="our GGUFs (default out/compare_stock/MODEL)")
     ap.add_argument("--workdir", help="the shared intermediate files: F32 GGUF, importance matrix, stock "
