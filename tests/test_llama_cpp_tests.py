@@ -37,7 +37,7 @@ import pytest
 from hiq2gguf import runtime
 
 N_HIGH = range(9)
-TYPE_NAMES = [f"hiq2_h{h}" for h in N_HIGH] + ["hiq2_e8", "hiq2_e8_2k", "hiq2_e8_8k"]
+TYPE_NAMES = [f"hiq2_h{h}" for h in N_HIGH] + ["hiq2_e8", "hiq2_e8_2k", "hiq2_e8_8k", "hiq2_e8_xs"]
 
 
 def _run(args: list, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
