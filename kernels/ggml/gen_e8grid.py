@@ -2,7 +2,7 @@
 """Write kernels/ggml/hiq2-e8grid.h, the HIQ2_E8* codebook for the C kernels, from
 hiq2gguf.formats.e8_grid(8192) (the reference builds the table; C carries a copy, and
 tests/test_c_kernels.py checks that running this again gives the committed file).
-The largest member's (HIQ2_E8_8K) table serves every member: the smaller codebooks are
+The largest member's (HIQ2_E8_8K) table serves all three: the smaller codebooks are
 its prefixes.
 
 Usage: python kernels/ggml/gen_e8grid.py [--check]
