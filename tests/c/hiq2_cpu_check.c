@@ -4,7 +4,7 @@
 // feeds it random blocks and Q8_0 activations and compares what it prints with the
 // numpy reference.
 //
-// stdin:  int32 type (ggml id: 100 + H, or 109..111 for the E8 members), K, rows, cols, then
+// stdin:  int32 type (ggml id: 100 + H, or 109..112 for the E8 members), K, rows, cols, then
 //         rows x K/64 blocks of that type (W, row-major), then cols x K/32 Q8_0 blocks
 //         (Y, one row per activation column)
 // stdout: float32, in this order:
@@ -30,7 +30,7 @@ int  ggml_threadpool_chunk_add(struct ggml_threadpool * tp, int value) { (void) 
 typedef void (*vec_dot_fn)(int, float *, size_t, const void *, size_t, const void *, size_t, int);
 #define HIQ2_VEC_DOT_ROW(H) ggml_vec_dot_hiq2_h##H##_q8_0,
 // indexed by type id - HIQ2_FIRST_TYPE, like ggml_hiq2_types
-#define HIQ2_E8_VEC_DOT_ROW(sfx, SFX, B, A) ggml_vec_dot_hiq2_##sfx##_q8_0,
+#define HIQ2_E8_VEC_DOT_ROW(sfx, SFX, ID, B, NS, A) ggml_vec_dot_hiq2_##sfx##_q8_0,
 static const vec_dot_fn vec_dot[HIQ2_NTYPES_ALL] = { HIQ2_FOREACH(HIQ2_VEC_DOT_ROW) HIQ2_E8_FOREACH(HIQ2_E8_VEC_DOT_ROW) };
 
 #define Q8_0_BYTES 34
