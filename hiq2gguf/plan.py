@@ -127,7 +127,10 @@ class CandidateSet:
 def hiq2_candidates(names, fisher, bpw: float, cfg: RatioConfig) -> CandidateSet:
     """The same members for every weight: ``cfg.ratios``, or those within 1 bpw of the budget."""
     types = parse_ratios(cfg.ratios) if cfg.ratios else candidate_types(bpw)
-    fixed = fixed_ratio_type(bpw) if any(t.bpw <= bpw + 1e-9 for t in HIQ2_TYPES.values()) else None
+    try:
+        fixed = fixed_ratio_type(bpw)
+    except BudgetError:
+        fixed = None                     # below every H member: no fixed plan to compare with
     return CandidateSet({n: [HIQ2Candidate(t, fisher) for t in types] for n in names},
                         {"candidates": tuple(t.name for t in types), "rtn": repr(ESTIMATE_RTN),
                          **({"e8": repr(ESTIMATE_E8)} if any(isinstance(t, E8Type) for t in types) else {})},
