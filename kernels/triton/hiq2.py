@@ -43,7 +43,7 @@ GEMV_MAX_ROWS = 8
 
 @triton.jit
 def _decode(raw, table, blk, i, valid, N_HIGH: tl.constexpr, E8: tl.constexpr,
-            E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, TYPE_SIZE: tl.constexpr):
+            E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr, TYPE_SIZE: tl.constexpr):
     """Weights ``i`` (int32 [1, 64]) of the blocks ``blk`` (int64 [R, 1], counted from
     the start of ``raw``) -> float32 [R, 64]; ``valid`` [R, 1] masks blocks past the end.
     ``E8`` picks the lattice member with ``E8_EXT`` index bits per group beyond the
@@ -53,7 +53,7 @@ def _decode(raw, table, blk, i, valid, N_HIGH: tl.constexpr, E8: tl.constexpr,
     d_hi = tl.load(base + 1, mask=valid, other=0).to(tl.uint16)
     d = (d_lo | (d_hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
     if E8:
-        n = _e8_integers(base, table, i, valid, E8_EXT, E8_NSUB)
+        n = _e8_integers(base, table, i, valid, E8_EXT, E8_NSUB, E8_CODES)
     else:
         n = _h_integers(base, i, valid, N_HIGH)
     # d * n is exact in float32 (11 by at most 8 significant bits) and * 1/16 is a
@@ -86,23 +86,23 @@ def _h_integers(base, i, valid, N_HIGH: tl.constexpr):
 
 
 @triton.jit
-def _e8_integers(base, table, i, valid, EXT: tl.constexpr, NSUB: tl.constexpr):
+def _e8_integers(base, table, i, valid, EXT: tl.constexpr, NSUB: tl.constexpr, CODES: tl.constexpr):
     """HIQ2_E8*: q * (+-m) of weights ``i`` (int32, |.| <= 144); ``EXT`` index bits
-    per group beyond the 9 in its code (0, 2, 4), ``NSUB`` sub-scales per block (4, 2)."""
+    per group beyond the 9 in its code (0, 2, 4), ``NSUB`` sub-scales per block (4, 2),
+    ``CODES`` the byte offset of the group codes (formats.E8Type.codes_at)."""
     # sub-scale k = i / (64 / NSUB): nibble k % 2 of byte 2 + k / 2, stored as q - 1
     k = i // (_BLOCK // NSUB)
     sb = tl.load(base + 2 + k // 2, mask=valid, other=0).to(tl.int32)
     q = ((sb >> (4 * (k % 2))) & 15) + 1
-    codes = 2 + NSUB // 2                      # fp16 d, the scale bytes, then 8 u16 codes
     g = i // 8
-    c_lo = tl.load(base + codes + 2 * g, mask=valid, other=0).to(tl.int32)
-    c_hi = tl.load(base + codes + 2 * g + 1, mask=valid, other=0).to(tl.int32)
+    c_lo = tl.load(base + CODES + 2 * g, mask=valid, other=0).to(tl.int32)
+    c_hi = tl.load(base + CODES + 2 * g + 1, mask=valid, other=0).to(tl.int32)
     code = c_lo | (c_hi << 8)
     e = code & _E8_LOW_MASK
     if EXT > 0:
         # group g's upper bits are bits EXT*g.. of the little-endian ext bytes; EXT
         # divides 8 (_member checks), so they never straddle a byte: one load per weight
-        xb = tl.load(base + codes + 16 + (EXT * g) // 8, mask=valid, other=0).to(tl.int32)
+        xb = tl.load(base + CODES + 2 * 8 + (EXT * g) // 8, mask=valid, other=0).to(tl.int32)
         e = e | (((xb >> ((EXT * g) % 8)) & ((1 << EXT) - 1)) << _E8_LOW)
     # one table word per codebook entry: the magnitudes and the parity in one gather
     entry = tl.load(table + e, mask=valid, other=0)
@@ -120,18 +120,18 @@ def _e8_integers(base, table, i, valid, EXT: tl.constexpr, NSUB: tl.constexpr):
 
 @triton.jit
 def _dequantize_kernel(raw, table, out, n_blocks, N_HIGH: tl.constexpr, E8: tl.constexpr,
-                       E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                       E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     # every block describes itself, so the tensor is one flat run of blocks
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
     i = tl.arange(0, _BLOCK)[None, :]
     valid = blk < n_blocks
-    w = _decode(raw, table, blk, i, valid, N_HIGH, E8, E8_EXT, E8_NSUB, TYPE_SIZE)
+    w = _decode(raw, table, blk, i, valid, N_HIGH, E8, E8_EXT, E8_NSUB, E8_CODES, TYPE_SIZE)
     tl.store(out + blk * _BLOCK + i, w, mask=valid)
 
 
 @triton.jit
 def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
-                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr, TYPE_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     # program (column tile, activation row): y[m, n:n+BLOCK_N]
     m = tl.program_id(1).to(tl.int64)
@@ -141,7 +141,7 @@ def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.conste
     nb = K // _BLOCK
     acc = tl.zeros([BLOCK_N, _BLOCK], dtype=tl.float32)
     for b in range(0, nb):
-        w = _decode(raw, table, n * nb + b, i, valid, N_HIGH, E8, E8_EXT, E8_NSUB, TYPE_SIZE)
+        w = _decode(raw, table, n * nb + b, i, valid, N_HIGH, E8, E8_EXT, E8_NSUB, E8_CODES, TYPE_SIZE)
         xv = tl.load(x + m * stride_xm + b * _BLOCK + i).to(tl.float32)
         acc += w * xv
     out = tl.sum(acc, axis=1)
@@ -151,7 +151,7 @@ def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.conste
 
 @triton.jit
 def _gemm_kernel(x, raw, table, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
-                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr, TYPE_SIZE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # program (row tile, column tile): y[rm, rn], one 64-weight block of K per step
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,7 +163,7 @@ def _gemm_kernel(x, raw, table, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.con
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(0, nb):
         xt = tl.load(x + rm[:, None] * stride_xm + b * _BLOCK + i[None, :], mask=row_ok, other=0.0)
-        w = _decode(raw, table, rn[:, None] * nb + b, i[None, :], col_ok, N_HIGH, E8, E8_EXT, E8_NSUB, TYPE_SIZE)
+        w = _decode(raw, table, rn[:, None] * nb + b, i[None, :], col_ok, N_HIGH, E8, E8_EXT, E8_NSUB, E8_CODES, TYPE_SIZE)
         acc = tl.dot(xt, tl.trans(w).to(xt.dtype), acc, input_precision=PRECISION)
     out = y + rm[:, None] * stride_ym + rn[None, :]
     tl.store(out, acc.to(y.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
@@ -209,7 +209,7 @@ def _member(raw: torch.Tensor, qtype) -> tuple[int, int, torch.Tensor, dict]:
     # the H decode never reads the table: any pointer will do
     table = _e8_table(raw.device) if e8 else raw
     consts = dict(N_HIGH=0 if e8 else t.n_high, E8=e8, E8_EXT=t.ext_bits if e8 else 0,
-                  E8_NSUB=t.n_sub if e8 else 4,
+                  E8_NSUB=t.n_sub if e8 else 4, E8_CODES=t.codes_at if e8 else 0,
                   TYPE_SIZE=t.type_size)
     return raw.shape[0], raw.shape[1] // t.type_size * BLOCK, table, consts
 
