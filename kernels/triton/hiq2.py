@@ -120,7 +120,8 @@ def _e8_integers(base, table, i, valid, EXT: tl.constexpr, NSUB: tl.constexpr, C
 
 @triton.jit
 def _dequantize_kernel(raw, table, out, n_blocks, N_HIGH: tl.constexpr, E8: tl.constexpr,
-                       E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                       E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr,
+                       TYPE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
     # every block describes itself, so the tensor is one flat run of blocks
     blk = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
     i = tl.arange(0, _BLOCK)[None, :]
@@ -131,7 +132,8 @@ def _dequantize_kernel(raw, table, out, n_blocks, N_HIGH: tl.constexpr, E8: tl.c
 
 @triton.jit
 def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
-                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr,
+                 TYPE_SIZE: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     # program (column tile, activation row): y[m, n:n+BLOCK_N]
     m = tl.program_id(1).to(tl.int64)
@@ -151,7 +153,8 @@ def _gemv_kernel(x, raw, table, y, N, K, stride_xm, stride_ym, N_HIGH: tl.conste
 
 @triton.jit
 def _gemm_kernel(x, raw, table, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.constexpr,
-                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr, TYPE_SIZE: tl.constexpr,
+                 E8: tl.constexpr, E8_EXT: tl.constexpr, E8_NSUB: tl.constexpr, E8_CODES: tl.constexpr,
+                 TYPE_SIZE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # program (row tile, column tile): y[rm, rn], one 64-weight block of K per step
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,7 +166,8 @@ def _gemm_kernel(x, raw, table, y, M, N, K, stride_xm, stride_ym, N_HIGH: tl.con
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(0, nb):
         xt = tl.load(x + rm[:, None] * stride_xm + b * _BLOCK + i[None, :], mask=row_ok, other=0.0)
-        w = _decode(raw, table, rn[:, None] * nb + b, i[None, :], col_ok, N_HIGH, E8, E8_EXT, E8_NSUB, E8_CODES, TYPE_SIZE)
+        w = _decode(raw, table, rn[:, None] * nb + b, i[None, :], col_ok, N_HIGH, E8, E8_EXT, E8_NSUB, E8_CODES,
+                    TYPE_SIZE)
         acc = tl.dot(xt, tl.trans(w).to(xt.dtype), acc, input_precision=PRECISION)
     out = y + rm[:, None] * stride_ym + rn[None, :]
     tl.store(out, acc.to(y.dtype.element_ty), mask=row_ok & (rn[None, :] < N))
