@@ -7,6 +7,13 @@ import json
 import sys
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return n
+
+
 def _convert(a) -> int:
     from hiq2gguf.convert import ConvertConfig, convert
     from hiq2gguf.gptq import GPTQConfig
@@ -18,7 +25,8 @@ def _convert(a) -> int:
                         gptq=GPTQConfig(act_order=a.act_order),
                         ratio_strategy=a.ratio_strategy, ratio=ratio,
                         target=a.target, stock_types=a.stock_types,
-                        calib_windows=a.calib_windows, calib_ctx=a.calib_ctx, eval_text=a.eval_text,
+                        calib_windows=a.calib_windows, quant_windows=a.quant_windows, calib_ctx=a.calib_ctx,
+                        eval_text=a.eval_text,
                         eval_windows=a.eval_windows, evaluate=not a.no_eval, threads=a.threads,
                         progress=not a.quiet, checkpoints=not a.no_checkpoints, stream=a.stream)
     report = convert(cfg, a.output, a.model, a.report)
@@ -130,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--time-limit", type=float, default=300.0,
                    help="seconds for HiGHS; then the best choice found and its gap are used")
     c.add_argument("--no-cache", action="store_true", help="do not keep or reuse the estimate of M")
-    c.add_argument("--calib-windows", type=int, default=16, help="calibration sequences")
-    c.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration sequence")
+    c.add_argument("--calib-windows", type=_positive, default=16, help="calibration sequences")
+    c.add_argument("--quant-windows", type=_positive,
+                   help="calibration sequences of gptq and the learned methods (GPTQ's Hessians, the "
+                        "block reconstruction); default --calib-windows")
+    c.add_argument("--calib-ctx", type=_positive, default=512, help="tokens per calibration sequence")
     c.add_argument("--no-checkpoints", action="store_true",
                    help="keep no per-block checkpoints in OUT.partial/ (by default a killed conversion "
                         "resumes where it stopped when rerun)")
@@ -139,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face safetensors model: read and quantize one transformer block at a time "
                         "(peak memory ~ embeddings + two blocks); only the file's perplexity is measured")
     c.add_argument("--eval-text", default="boolq", help="boolq | lambada | FILE")
-    c.add_argument("--eval-windows", type=int, default=40, help="512-token held-out windows")
+    c.add_argument("--eval-windows", type=_positive, default=40, help="512-token held-out windows")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("-q", "--quiet", action="store_true")

@@ -30,6 +30,10 @@ from hiq2gguf.writer import PackedTensor, stock_roundtrip, write_gguf
 class ConvertConfig:
     bpw: float                                # budget: bits per quantized linear weight
     calib_windows: int = 16                   # calibration sequences (BoolQ calibration half)
+    # sequences the block-sequential methods calibrate on (GPTQ's Hessians, the reconstruction
+    # targets); None: the calibration's. GPTQ's Hessian of a layer with n inputs wants well
+    # over n tokens, more than the Fisher and the plan need (tools/gptq_layer.py)
+    quant_windows: int | None = None
     calib_ctx: int = 512
     eval_text: str = "boolq"
     eval_windows: int = evaluate.DEFAULT_WINDOWS
@@ -158,8 +162,7 @@ class Conversion:
         from hiq2gguf.calibrate import collect_fisher, linear_weights
 
         cfg, t0 = self.cfg, time.time()
-        windows = data.token_windows(self.tokenize(data.boolq_split("calibration")), cfg.calib_ctx,
-                                     cfg.calib_windows, self.bos)
+        windows = data.calibration_windows(self.tokenize, cfg.calib_ctx, cfg.calib_windows, self.bos)
         params = linear_weights(self.model, self.converter.is_linear)
         fisher = collect_fisher(self.model, params, windows, cfg.progress)
         squares = None
@@ -204,13 +207,20 @@ class Conversion:
                        f"objective {objective}, gap {s['gap']:.2g}, {s['seconds']:.1f} s")
         return plan, {"ratio_strategy": "optimized", **info, "plan_seconds": round(time.time() - t0, 1)}
 
+    def quant_windows(self, calib: Calibration) -> list[list[int]]:
+        """The windows the block-sequential methods calibrate on (``ConvertConfig.quant_windows``)."""
+        n = self.cfg.quant_windows
+        if n is None or n == len(calib.windows):
+            return calib.windows
+        return data.calibration_windows(self.tokenize, self.cfg.calib_ctx, n, self.bos)
+
     def quantize_fn(self, calib: Calibration, plan: dict[str, HIQ2Type]) -> Callable:
         """RTN layer by layer; GPTQ and the learned quantizers block by block on the
-        calibration windows (hiq2gguf/sequential.py)."""
+        ``quant_windows`` (hiq2gguf/sequential.py)."""
         from hiq2gguf.learned import preset
         from hiq2gguf.sequential import block_quantize_fn
 
-        return block_quantize_fn(self.cfg.method, self.model, plan, calib.windows, calib.fisher,
+        return block_quantize_fn(self.cfg.method, self.model, plan, self.quant_windows(calib), calib.fisher,
                                  preset(self.cfg.preset), self.cfg.progress, self.cfg.gptq)
 
     def quantize(self, plan: dict[str, HIQ2Type], calib: Calibration):
@@ -226,7 +236,7 @@ class Conversion:
             from hiq2gguf.sequential import block_settings
             from hiq2gguf.resume import BlockCheckpoints, ResumableQuantizeFn, plan_spelling
 
-            key = self.cache_key("blocks", calib.windows, plan_spelling(plan), *block_settings(self.cfg))
+            key = self.cache_key("blocks", self.quant_windows(calib), plan_spelling(plan), *block_settings(self.cfg))
             store = BlockCheckpoints(self.checkpoints, key, self.converter.n_layers)
             fn = ResumableQuantizeFn(fn, store, plan, self.converter.block_index, lambda m: _log(self.cfg, m))
         out = quantize_model(self.model, self.converter, plan, fn, self.cfg.progress)
@@ -279,6 +289,9 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
         raise BudgetError(f"--bpw must be a number, got {cfg.bpw}")
     if cfg.target not in ("hiq2", "stock"):
         raise ValueError(f"unknown target {cfg.target!r} (hiq2 | stock)")
+    if min(cfg.calib_windows, cfg.quant_windows or 1) < 1:
+        raise ValueError(f"--calib-windows ({cfg.calib_windows}) and --quant-windows ({cfg.quant_windows}) "
+                         "must be positive")
     if cfg.target == "stock":               # fail on bad input before any heavy work
         from hiq2gguf.stock import parse_stock_types
         parse_stock_types(cfg.stock_types)
@@ -326,6 +339,7 @@ def convert_in_memory(cfg: ConvertConfig, out: Path, model_ref: str | None, repo
 
     calib = conv.calibrate()
     report["calibration"] = {"text": "boolq/calibration", "windows": len(calib.windows),
+                             "quant_windows": len(conv.quant_windows(calib)),
                              "ctx": cfg.calib_ctx, "seconds": round(calib.seconds, 1)}
     plan, info = conv.cached_plan(calib)
     report.update(info)

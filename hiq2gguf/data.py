@@ -88,3 +88,9 @@ def token_windows(tokens: list[int], n_ctx: int, n_windows: int | None, bos: int
             w[0] = bos
         windows.append(w)
     return windows
+
+
+def calibration_windows(tokenize, n_ctx: int, n_windows: int, bos: int | None) -> list[list[int]]:
+    """The first ``n_windows`` windows of BoolQ's calibration half: the Fisher's, and (as many
+    or more: ``ConvertConfig.quant_windows``) those the block-sequential methods calibrate on."""
+    return token_windows(tokenize(boolq_split("calibration")), n_ctx, n_windows, bos)

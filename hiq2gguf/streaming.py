@@ -423,8 +423,11 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     names = list(shapes)
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     bos = tokenizer.bos_token_id if add_bos else None
-    windows = data.token_windows(tokenizer(data.boolq_split("calibration"), add_special_tokens=False)["input_ids"],
-                                 cfg.calib_ctx, cfg.calib_windows, bos)
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    windows = data.calibration_windows(tokenize, cfg.calib_ctx, cfg.calib_windows, bos)
     src = source_digest(source.path)
     log(f"streaming {source.path}: {len(sm.blocks)} blocks, {len(names)} linear weights")
     report: dict = {"streaming": True}
@@ -477,6 +480,9 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     report.update(info)
 
     t0 = time.time()
+    if cfg.quant_windows is not None and cfg.quant_windows != len(windows):
+        windows = data.calibration_windows(tokenize, cfg.calib_ctx, cfg.quant_windows, bos)
+        report["calibration"]["quant_windows"] = len(windows)
     fn = block_quantize_fn(cfg.method, sm.model, plan, windows, fisher, preset(cfg.preset), cfg.progress, cfg.gptq)
     key = key_of(src, cfg.threads, "streamed blocks", windows, plan_spelling(plan), *block_settings(cfg))
     store = BlockCheckpoints(root, key, len(sm.blocks))

@@ -325,3 +325,22 @@ def test_forced_budget_streams_without_the_estimator(four_block_llama, tmp_path,
     assert {t["type"] for t in streamed["tensors"] if t["ratio"] is not None} == {"HIQ2_H0"}
     convert(ConvertConfig(**cfg), tmp_path / "mem.gguf", str(four_block_llama))
     assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
+def test_quant_windows_feed_gptq_in_both_paths(four_block_llama, tmp_path, monkeypatch):
+    """``quant_windows``: GPTQ's Hessians come from more calibration windows than the
+    Fisher's, in memory and block-streamed alike (equal files), and they change its codes."""
+    from hiq2gguf.convert import ConvertConfig, convert
+    from hiq2gguf.plan import RatioConfig
+
+    monkeypatch.setenv("HIQ2GGUF_CACHE", str(tmp_path / "cache"))
+    cfg = dict(bpw=2.5, calib_windows=2, calib_ctx=64, method="gptq", evaluate=False, progress=False, threads=1,
+               ratio=RatioConfig(ratios="H0,H2,H4", cache=False))
+    mem = convert(ConvertConfig(**cfg, quant_windows=5), tmp_path / "mem.gguf", str(four_block_llama))
+    streamed = convert(ConvertConfig(**cfg, quant_windows=5, stream=True), tmp_path / "streamed.gguf",
+                       str(four_block_llama))
+    assert mem["calibration"]["windows"] == 2 and mem["calibration"]["quant_windows"] == 5
+    assert streamed["calibration"]["quant_windows"] == 5
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+    convert(ConvertConfig(**cfg), tmp_path / "fisher_windows.gguf", str(four_block_llama))
+    assert (tmp_path / "fisher_windows.gguf").read_bytes() != (tmp_path / "mem.gguf").read_bytes()

@@ -3,7 +3,7 @@
 
     python tools/compare_stock.py [--model default|qwen2.5-coder-1.5b|PATH] [--bpw 2.5,2.75,3.0]
                                   [--json OUT] [--methods rtn,gptq,hybrid] [--stock Q2_0,Q2_K,...]
-                                  [--eval-windows 40] [--calib-windows 16] [--threads 2]
+                                  [--eval-windows 40] [--calib-windows 16] [--quant-windows N] [--threads 2]
 
 One model per run (rows of several models can share one ``--json``):
 
@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "(default: the 8 plain types and 3 mixes, see MIXES)")
     ap.add_argument("--eval-windows", type=int, default=40, help="512-token windows of each held-out text")
     ap.add_argument("--calib-windows", type=int, default=16, help="512-token calibration windows (ours and imatrix)")
+    ap.add_argument("--quant-windows", type=int,
+                    help="calibration windows of our block-sequential methods (GPTQ's Hessians, the "
+                         "reconstruction); default --calib-windows. The importance matrix then takes as many")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--estimator", default="gradient", choices=["gradient", "loss"], help="ratio optimizer's M")
     ap.add_argument("--ratios", default=RATIOS_DEFAULT, help="candidate members, the same for every budget")
@@ -308,8 +311,10 @@ def run(args) -> int:
         raise CompareError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     if args.preset not in PRESETS:
         raise CompareError(f"--preset: unknown {args.preset!r} (known: {', '.join(PRESETS)})")
-    if min(args.eval_windows, args.calib_windows, args.threads) < 1:
-        raise CompareError("--eval-windows, --calib-windows and --threads must be positive")
+    if min(args.eval_windows, args.calib_windows, args.quant_windows or 1, args.threads) < 1:
+        raise CompareError("--eval-windows, --calib-windows, --quant-windows and --threads must be positive")
+    # llama-imatrix sees as much of the calibration text as our quantizers do
+    imatrix_chunks = max(args.calib_windows, args.quant_windows or 0)
     try:
         for b in budgets:
             check_budget(b)
@@ -331,8 +336,9 @@ def run(args) -> int:
         model_name += "-" + hashlib.sha1(str(Path(model_ref).resolve()).encode()).hexdigest()[:8]
     settings = {"eval_windows": args.eval_windows, "eval_ctx": 512, "calib_windows": args.calib_windows,
                 "estimator": args.estimator, "ratios": args.ratios, "preset": args.preset,
-                "imatrix_chunks": args.calib_windows, "bench_version": BENCH_VERSION,
-                **({"act_order": True} if args.act_order else {})}
+                "imatrix_chunks": imatrix_chunks, "bench_version": BENCH_VERSION,
+                **({"act_order": True} if args.act_order else {}),
+                **({"quant_windows": args.quant_windows} if args.quant_windows else {})}
     results = Results(Path(args.json), model_name, settings)
     outdir = Path(args.outdir or f"out/compare_stock/{model_name}")
     workdir = Path(args.workdir) if args.workdir else None
@@ -342,7 +348,8 @@ def run(args) -> int:
     cfg = ConvertConfig(bpw=budgets[0], method=methods[0] if methods else "gptq", preset=args.preset,
                         gptq=GPTQConfig(act_order=args.act_order),
                         evaluate=False, threads=args.threads, eval_windows=args.eval_windows,
-                        calib_windows=args.calib_windows, ratio_strategy="optimized",
+                        calib_windows=args.calib_windows, quant_windows=args.quant_windows,
+                        ratio_strategy="optimized",
                         ratio=RatioConfig(estimator=args.estimator, ratios=args.ratios))
     if (args.stream and model_ref is not None and Path(model_ref).is_file()
             and (safetensors_copy_path(model_ref) / "config.json").is_file()):
@@ -382,16 +389,16 @@ def run(args) -> int:
         results.costs["stock_missing"] = missing
     pending = [s for s in specs if s.ftype in available and not results.has(s.name)]
     if pending:
-        imatrix = imatrix_path(work, args.calib_windows)
+        imatrix = imatrix_path(work, imatrix_chunks)
         if not imatrix.exists():
-            log(f"llama-imatrix: {args.calib_windows} x 512 tokens of the calibration text")
+            log(f"llama-imatrix: {imatrix_chunks} x 512 tokens of the calibration text")
             t1 = time.monotonic()
-            llamacpp.imatrix(f32, imatrix, args.calib_windows, args.threads)
+            llamacpp.imatrix(f32, imatrix, imatrix_chunks, args.threads)
             results.costs["imatrix_minutes"] = round((time.monotonic() - t1) / 60, 2)
             results.save()
         for s in pending:
             log(f"llama-quantize {s.name}")
-            path = llamacpp.quantize(f32, work / f"imatrix{args.calib_windows}-{s.file_name()}", s.ftype,
+            path = llamacpp.quantize(f32, work / f"imatrix{imatrix_chunks}-{s.file_name()}", s.ftype,
                                      args.threads, imatrix, tensor_types=s.tensor_types)
             secs = llamacpp.seconds(path)
             add({"model": model_name, "name": s.name, "kind": "stock", "ours": False, **measure(path),

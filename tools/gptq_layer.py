@@ -1,11 +1,12 @@
 """GPTQ on one real layer, judged on held-out text, in minutes.
 
     python tools/gptq_layer.py [--model default|qwen2.5-coder-1.5b|PATH] [--layer 2.mlp.down_proj]
-                               [--types E8,H0] [--rows 256]
+                               [--types E8,H0] [--rows 256] [--calib-windows 16,64] [--damp 0.01]
 
 The layer's Hessian H = 2 X^T X / n is collected from the unquantized model's inputs to
 that layer on the calibration text (convert's: 16 x 512 tokens of BoolQ's calibration
-half) and on the two held-out texts (8 x 512 tokens of each). Each quantizer is then run
+half; ``--calib-windows 16,64`` runs GPTQ on the Hessian of each count, the first
+windows of the text) and on the two held-out texts (8 x 512 tokens of each). Each quantizer is then run
 on the weight (``--rows``: the rows holding its largest weights, then random ones) and
 reported as
 
@@ -41,26 +42,30 @@ from hiq2gguf.gptq import GPTQ, GPTQConfig  # noqa: E402
 from hiq2gguf.plan import parse_ratios  # noqa: E402
 from hiq2gguf.quantize import dequantize_torch, quantize_member  # noqa: E402
 
-CALIB_WINDOWS, EVAL_WINDOWS, CTX = 16, 8, 512
+EVAL_WINDOWS, CTX = 8, 512
 
 
 class _Stop(Exception):
     pass
 
 
-def layer_hessians(model, tokenizer, module: torch.nn.Module) -> dict[str, GPTQ]:
-    """text -> a GPTQ holding the layer's Hessian on that text (the forward stops at the layer)."""
+def layer_hessians(model, tokenizer, module: torch.nn.Module, calib_windows: list[int]) -> dict[str, GPTQ]:
+    """text -> a GPTQ holding the layer's Hessian on that text (the forward stops at the
+    layer); the calibration text once per count of ``calib_windows`` ("calibration-16")."""
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     bos = tokenizer.bos_token_id if add_bos else None
-    texts = {"calibration": (data.boolq_split("calibration"), CALIB_WINDOWS),
-             "boolq": (data.held_out_text("boolq"), EVAL_WINDOWS),
-             "lambada": (data.held_out_text("lambada"), EVAL_WINDOWS)}
-    out = {}
-    for name, (text, n) in texts.items():
-        g = out[name] = GPTQ(module.weight.shape[1])
+    cols = module.weight.shape[1]
+    calib = {f"calibration-{n}": GPTQ(cols) for n in calib_windows}
+    texts = [(data.boolq_split("calibration"), max(calib_windows), list(zip(calib_windows, calib.values()))),
+             *((data.held_out_text(t), EVAL_WINDOWS, [(EVAL_WINDOWS, GPTQ(cols))]) for t in ("boolq", "lambada"))]
+    out = {**calib, "boolq": texts[1][2][0][1], "lambada": texts[2][2][0][1]}
+    for text, n, takers in texts:
+        seen = [0]
 
-        def hook(m, inp, o, g=g):
-            g.add_batch(inp[0])
+        def hook(m, inp, o):
+            for count, g in takers:
+                if seen[0] < count:
+                    g.add_batch(inp[0])
             raise _Stop
         h = module.register_forward_hook(hook)
         try:
@@ -70,6 +75,7 @@ def layer_hessians(model, tokenizer, module: torch.nn.Module) -> dict[str, GPTQ]
                         model(input_ids=torch.tensor([w]), use_cache=False)
                 except _Stop:
                     pass
+                seen[0] += 1
         finally:
             h.remove()
     return out
@@ -81,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", default="2.mlp.down_proj", help="BLOCK.MODULE inside the decoder block")
     ap.add_argument("--types", default="E8,H0", help="our members (as --ratios spells them)")
     ap.add_argument("--rows", type=int, default=256, help="rows of the weight (0: all)")
+    ap.add_argument("--calib-windows", default="16", help="calibration windows of 512 tokens, one GPTQ per count")
+    ap.add_argument("--damp", type=float, default=GPTQConfig.damp, help="GPTQ's damping (of the mean diagonal)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -92,7 +100,9 @@ def main(argv=None) -> int:
     block, _, sub = args.layer.partition(".")
     module = decoder_blocks(model)[int(block)][1].get_submodule(sub)
     t0 = time.time()
-    hs = layer_hessians(model, tokenizer, module)
+    counts = sorted({int(c) for c in args.calib_windows.split(",")})
+    hs = layer_hessians(model, tokenizer, module, counts)
+    calib = [f"calibration-{n}" for n in counts]
     W = module.weight.detach().to(torch.float32)
     if 0 < args.rows < W.shape[0]:
         peak = torch.argsort(W.abs().amax(1), descending=True)[:min(8, args.rows)]
@@ -100,30 +110,34 @@ def main(argv=None) -> int:
         rest = rest[~torch.isin(rest, peak)][:args.rows - len(peak)]
         W = W[torch.cat([peak, rest])]
     print(f"{args.model} {args.layer}: weight {tuple(module.weight.shape)}, {len(W)} rows; "
-          f"{hs['calibration'].n} calibration tokens for {W.shape[1]} inputs ({time.time() - t0:.0f} s)")
+          f"{', '.join(str(hs[c].n) for c in calib)} calibration tokens for {W.shape[1]} inputs "
+          f"({time.time() - t0:.0f} s)")
     Wd = W.double()
-    imp = torch.diag(hs["calibration"].H).to(torch.float32).expand_as(W).contiguous()
+    main_calib = hs[calib[0]]              # RTN's importance and the "calib" column: the fewest windows
+    imp = torch.diag(main_calib.H).to(torch.float32).expand_as(W).contiguous()
 
     def errors(Q: torch.Tensor) -> list[float]:
         E = (W - Q.reshape(W.shape)).double()
         out = [float(torch.einsum("ij,jk,ik->", E, g.H, E) / torch.einsum("ij,jk,ik->", Wd, g.H, Wd))
-               for g in hs.values()]
+               for g in (main_calib, hs["boolq"], hs["lambada"])]
         return [float((E ** 2).sum() / (Wd ** 2).sum()), *out]
 
-    print(f"{'type':10s} {'quantizer':15s} {'weight':>9s} {'calib':>9s} {'boolq':>9s} {'lambada':>9s} {'s':>5s}")
+    print(f"{'type':10s} {'quantizer':18s} {'weight':>9s} {'calib':>9s} {'boolq':>9s} {'lambada':>9s} {'s':>5s}")
     for qtype in parse_ratios(args.types):
-        runs = {"rtn": lambda: quantize_member(W, qtype, imp),
-                "gptq": lambda: hs["calibration"].quantize_as(W, qtype, imp)}
-        if isinstance(qtype, E8Type):
-            def unbounded():
-                g = GPTQ(W.shape[1], GPTQConfig(unit_growth=float("inf")))
-                g.H, g.n = hs["calibration"].H, hs["calibration"].n
-                return g.quantize_as(W, qtype, imp)
-            runs["gptq-unbounded"] = unbounded
+        def gptq(h: GPTQ, **cfg):
+            g = GPTQ(W.shape[1], GPTQConfig(damp=args.damp, **cfg))
+            g.H, g.n = h.H, h.n
+            return g.quantize_as(W, qtype, imp)
+        runs = {"rtn": lambda: quantize_member(W, qtype, imp)}
+        for c in calib:
+            suffix = f"-{c.rsplit('-', 1)[1]}" if len(calib) > 1 else ""
+            runs[f"gptq{suffix}"] = lambda h=hs[c]: gptq(h)
+            if isinstance(qtype, E8Type):
+                runs[f"gptq-unbounded{suffix}"] = lambda h=hs[c]: gptq(h, unit_growth=float("inf"))
         for name, fn in runs.items():
             t1 = time.time()
             e = errors(dequantize_torch(fn()))
-            print(f"{qtype.name:10s} {name:15s} " + " ".join(f"{v:9.4f}" for v in e) + f" {time.time() - t1:5.0f}",
+            print(f"{qtype.name:10s} {name:18s} " + " ".join(f"{v:9.4f}" for v in e) + f" {time.time() - t1:5.0f}",
                   flush=True)
     return 0
 
