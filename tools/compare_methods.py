@@ -89,8 +89,7 @@ def first_blocks(conv, methods, windows, a) -> int:
     k = a.first_blocks
     prefixes = [p for p, _ in decoder_blocks(conv.model)[:k]]
     plan = {n: t for n, t in fixed_plan(conv.shapes, a.bpw).items() if any(n.startswith(p) for p in prefixes)}
-    calib = data.token_windows(conv.tokenize(data.boolq_split("calibration")), conv.cfg.calib_ctx,
-                               a.calib_windows, conv.bos)
+    calib = data.calibration_windows(conv.tokenize, conv.cfg.calib_ctx, a.calib_windows, conv.bos)
 
     @torch.no_grad()
     def hidden():
