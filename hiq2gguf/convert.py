@@ -289,7 +289,7 @@ def convert(cfg: ConvertConfig, out: str | Path, model_ref: str | None = None,
         raise BudgetError(f"--bpw must be a number, got {cfg.bpw}")
     if cfg.target not in ("hiq2", "stock"):
         raise ValueError(f"unknown target {cfg.target!r} (hiq2 | stock)")
-    if min(cfg.calib_windows, cfg.quant_windows or 1) < 1:
+    if cfg.calib_windows < 1 or (cfg.quant_windows is not None and cfg.quant_windows < 1):
         raise ValueError(f"--calib-windows ({cfg.calib_windows}) and --quant-windows ({cfg.quant_windows}) "
                          "must be positive")
     if cfg.target == "stock":               # fail on bad input before any heavy work

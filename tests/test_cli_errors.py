@@ -69,6 +69,14 @@ def test_budget_below_minimum(out_dir):
     assert_clean_failure(r, out_dir, "minimum is 2.375")
 
 
+@pytest.mark.parametrize("flag", ["--calib-windows", "--quant-windows", "--eval-windows"])
+def test_window_counts_must_be_positive(out_dir, flag):
+    r = cli("convert", "-o", out_dir / "x.gguf", "--bpw", "3", flag, "0")
+    assert r.returncode == 2
+    assert f"argument {flag}: must be a positive whole number, got 0" in r.stderr.strip().splitlines()[-1]
+    assert not any(out_dir.iterdir())
+
+
 def test_shape_that_does_not_fit(out_dir, tmp_path, smollm_tokenizer):
     d = make_tiny_llama(tmp_path / "odd", smollm_tokenizer, hidden=96, intermediate=128, heads=4, kv_heads=2)
     r = cli("convert", d, "-o", out_dir / "x.gguf", "--bpw", "3", "--no-eval", "--calib-windows", "1")

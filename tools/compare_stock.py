@@ -311,7 +311,8 @@ def run(args) -> int:
         raise CompareError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     if args.preset not in PRESETS:
         raise CompareError(f"--preset: unknown {args.preset!r} (known: {', '.join(PRESETS)})")
-    if min(args.eval_windows, args.calib_windows, args.quant_windows or 1, args.threads) < 1:
+    if (min(args.eval_windows, args.calib_windows, args.threads) < 1
+            or (args.quant_windows is not None and args.quant_windows < 1)):
         raise CompareError("--eval-windows, --calib-windows, --quant-windows and --threads must be positive")
     # llama-imatrix sees as much of the calibration text as our quantizers do
     imatrix_chunks = max(args.calib_windows, args.quant_windows or 0)
