@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hiq2gguf import evaluate                                  # noqa: E402
 from hiq2gguf.convert import Conversion, ConvertConfig, quantize_model, write_report  # noqa: E402
-from hiq2gguf.learned import preset                            # noqa: E402
+from hiq2gguf.learned import block_error, preset               # noqa: E402
 from hiq2gguf.sequential import METHODS, block_quantize_fn     # noqa: E402
 
 
@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--first-blocks", type=int, default=0,
                     help="quick mode: quantize only the first K transformer blocks with uniform "
                          "importance (no Fisher pass) and compare the relative error of the hidden "
-                         "state after block K on the held-out windows instead of perplexity")
+                         "state after block K on the held-out windows (whole, and per token) instead of perplexity")
+    ap.add_argument("--type", help="quick mode: the member of every weight of those blocks (e.g. E8; "
+                                   "default: the fixed ratio's member for --bpw)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     methods = a.methods.split(",")
@@ -83,12 +85,15 @@ def first_blocks(conv, methods, windows, a) -> int:
     import torch
 
     from hiq2gguf import data
-    from hiq2gguf.plan import fixed_plan
+    from hiq2gguf.plan import fixed_plan, parse_ratios
     from hiq2gguf.sequential import decoder_blocks
 
     k = a.first_blocks
     prefixes = [p for p, _ in decoder_blocks(conv.model)[:k]]
     plan = {n: t for n, t in fixed_plan(conv.shapes, a.bpw).items() if any(n.startswith(p) for p in prefixes)}
+    if a.type:
+        member = parse_ratios(a.type)[0]
+        plan = {n: member for n in plan}
     calib = data.calibration_windows(conv.tokenize, conv.cfg.calib_ctx, a.calib_windows, conv.bos)
 
     @torch.no_grad()
@@ -104,9 +109,13 @@ def first_blocks(conv, methods, windows, a) -> int:
         fn = block_quantize_fn(m, conv.model, plan, calib, None, preset(a.preset), True)
         quantize_model(conv.model, conv.converter, plan, fn, True)
         seconds = time.time() - t0
-        err = sum(float(((h - r) ** 2).mean() / (r ** 2).mean()) for h, r in zip(hidden(), ref)) / len(ref)
-        rows.append({"method": m, "blocks": k, "hidden_rel_mse": err, "quantize_seconds": round(seconds, 1),
-                     "type": next(iter(plan.values())).name})
+        # the whole hidden state's relative error, led by the tokens with massive activations,
+        # and the mean of each token's own relative error (learned.block_error)
+        hs = hidden()
+        err = sum(float(((h - r) ** 2).mean() / (r ** 2).mean()) for h, r in zip(hs, ref)) / len(ref)
+        per_token = sum(float(block_error(h, r, token_relative=True)) for h, r in zip(hs, ref)) / len(ref)
+        rows.append({"method": m, "blocks": k, "hidden_rel_mse": err, "hidden_token_rel_mse": per_token,
+                     "quantize_seconds": round(seconds, 1), "type": next(iter(plan.values())).name})
         print(json.dumps(rows[-1]), flush=True)
         if a.json:
             write_report({"model": str(conv.source.path), "bpw": a.bpw, "calib_windows": len(calib),
