@@ -70,6 +70,16 @@ def check_weights(model, converter) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def quant_windows(cfg: ConvertConfig, calib_windows: list[list[int]], tokenize, bos: int | None
+                  ) -> list[list[int]]:
+    """The windows the block-sequential methods calibrate on (``ConvertConfig.quant_windows``):
+    the calibration's, or that many of the same text."""
+    n = cfg.quant_windows
+    if n is None or n == len(calib_windows):
+        return calib_windows
+    return data.calibration_windows(tokenize, cfg.calib_ctx, n, bos)
+
+
 @dataclass
 class Calibration:
     windows: list[list[int]]
@@ -208,11 +218,7 @@ class Conversion:
         return plan, {"ratio_strategy": "optimized", **info, "plan_seconds": round(time.time() - t0, 1)}
 
     def quant_windows(self, calib: Calibration) -> list[list[int]]:
-        """The windows the block-sequential methods calibrate on (``ConvertConfig.quant_windows``)."""
-        n = self.cfg.quant_windows
-        if n is None or n == len(calib.windows):
-            return calib.windows
-        return data.calibration_windows(self.tokenize, self.cfg.calib_ctx, n, self.bos)
+        return quant_windows(self.cfg, calib.windows, self.tokenize, self.bos)
 
     def quantize_fn(self, calib: Calibration, plan: dict[str, HIQ2Type]) -> Callable:
         """RTN layer by layer; GPTQ and the learned quantizers block by block on the

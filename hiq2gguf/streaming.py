@@ -407,6 +407,7 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     from transformers import AutoTokenizer
 
     from hiq2gguf import data
+    from hiq2gguf.convert import quant_windows
     from hiq2gguf.learned import preset
     from hiq2gguf.plan import fixed_plan, forced_plan, hiq2_candidates, plan_bits, solve_plan
     from hiq2gguf.resume import (BlockCheckpoints, ResumableQuantizeFn, key_of, partial_dir, plan_spelling,
@@ -480,9 +481,8 @@ def convert_streaming(cfg, out: Path, source, log, calib_dir: Path | None = None
     report.update(info)
 
     t0 = time.time()
-    if cfg.quant_windows is not None and cfg.quant_windows != len(windows):
-        windows = data.calibration_windows(tokenize, cfg.calib_ctx, cfg.quant_windows, bos)
-        report["calibration"]["quant_windows"] = len(windows)
+    windows = quant_windows(cfg, windows, tokenize, bos)
+    report["calibration"]["quant_windows"] = len(windows)
     fn = block_quantize_fn(cfg.method, sm.model, plan, windows, fisher, preset(cfg.preset), cfg.progress, cfg.gptq)
     key = key_of(src, cfg.threads, "streamed blocks", windows, plan_spelling(plan), *block_settings(cfg))
     store = BlockCheckpoints(root, key, len(sm.blocks))
