@@ -218,7 +218,12 @@ class Conversion:
         return plan, {"ratio_strategy": "optimized", **info, "plan_seconds": round(time.time() - t0, 1)}
 
     def quant_windows(self, calib: Calibration) -> list[list[int]]:
-        return quant_windows(self.cfg, calib.windows, self.tokenize, self.bos)
+        """``quant_windows`` of this conversion, tokenized once (the quantizers and their
+        checkpoint key both ask)."""
+        cached = getattr(self, "_quant_windows", None)
+        if cached is None or cached[0] is not calib:
+            self._quant_windows = cached = (calib, quant_windows(self.cfg, calib.windows, self.tokenize, self.bos))
+        return cached[1]
 
     def quantize_fn(self, calib: Calibration, plan: dict[str, HIQ2Type]) -> Callable:
         """RTN layer by layer; GPTQ and the learned quantizers block by block on the
